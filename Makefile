@@ -1,0 +1,31 @@
+# ComfyUI-MMIG developer commands. Each target runs its own idempotent set-up first.
+#   make test                       the whole suite (unit tests and tests against a real ComfyUI server)
+#   make demo                       the flagship workflow, headless; prints where its outputs went
+#   make run WORKFLOW=workflows/<name>.json OUT=<dir> [TINY=1]
+#   make bench                      every benchmark; results in .cache/bench/<name>.json
+# COMFYUI_PATH=/path/to/ComfyUI makes all of them use that ComfyUI instead of the pinned one.
+SHELL := /bin/bash
+PY := .venv/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup test demo run bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m devtools.demo
+
+run: setup
+	@test -n "$(WORKFLOW)" -a -n "$(OUT)" || { echo "usage: make run WORKFLOW=workflows/<name>.json OUT=<dir> [TINY=1]"; exit 2; }
+	$(PY) -m devtools.run --workflow "$(WORKFLOW)" --out "$(OUT)" $(if $(filter 1 yes true,$(TINY)),--tiny)
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf .cache/tiny-models .cache/bench out

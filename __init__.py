@@ -1,0 +1,13 @@
+"""ComfyUI-MMIG: multimodal image generation and editing nodes (MMIG, MUMU, LLMGA).
+
+ComfyUI loads this package from `custom_nodes/` and reads the V1 node API below. Importing it is
+cheap: heavy libraries (transformers, diffusers) are imported when a node first runs.
+"""
+try:
+    import folder_paths  # noqa: F401  - always importable inside ComfyUI
+except ImportError:  # imported outside ComfyUI (e.g. pytest collecting this folder): no nodes to offer
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
+else:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

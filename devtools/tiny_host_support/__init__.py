@@ -1,0 +1,88 @@
+"""Test-only ComfyUI custom node: teaches the host the tiny SDXL checkpoint of devtools/tiny_sdxl.py.
+
+Importing it inserts `TinySDXL` at the front of comfy.supported_models.models, the list the host's
+checkpoint detection walks, so CheckpointLoaderSimple and comfy.sd.load_checkpoint_guess_config
+load the tiny checkpoint like any SDXL one. No host file is edited and no node is added. The
+architecture is read from the JSON files beside this module, which the builder reads too.
+"""
+import inspect
+import json
+import os
+
+import torch
+
+import comfy.sd1_clip
+import comfy.sdxl_clip
+import comfy.supported_models
+import comfy.supported_models_base
+
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}
+
+_HERE = os.path.dirname(os.path.realpath(__file__))
+CLIP_L_CONFIG = os.path.join(_HERE, "clip_l_config.json")
+CLIP_G_CONFIG = os.path.join(_HERE, "clip_g_config.json")
+
+
+def _load_json(name):
+    with open(os.path.join(_HERE, name)) as f:
+        return json.load(f)
+
+
+# Exactly what comfy.model_detection.detect_unet_config reports for the tiny UNet; no real model has
+# 32 model channels, so this matches nothing else.
+TINY_UNET_CONFIG = _load_json("unet_config.json")
+CLIP_G_WIDTH = _load_json("clip_g_config.json")["hidden_size"]
+
+
+def _accepted(fn, kwargs):
+    """The keyword arguments `fn` takes: hosts differ (newer ones add model_options=..., etc.)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def _text_encoder(config_path, device, dtype, extra, **choices):
+    # SDXL's layer choices for both encoders: penultimate hidden state, no final layer norm on it.
+    # (SDClipModel asserts abs(layer_idx) < num_layers, hence 3 layers in the JSON files, not 2.)
+    kwargs = dict(extra, device=device, dtype=dtype, layer="hidden", layer_idx=-2,
+                  layer_norm_hidden_state=False, textmodel_json_config=config_path, **choices)
+    return comfy.sd1_clip.SDClipModel(**_accepted(comfy.sd1_clip.SDClipModel.__init__, kwargs))
+
+
+class TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
+    """The host's SDXL dual text encoder with tiny CLIP-L / CLIP-G inside."""
+
+    def __init__(self, device="cpu", dtype=None, **kwargs):
+        # Skip SDXLClipModel.__init__: it would first build the full-size 32-layer CLIP-G.
+        torch.nn.Module.__init__(self)
+        self.clip_l = _text_encoder(CLIP_L_CONFIG, device, dtype, kwargs)
+        self.clip_g = _text_encoder(CLIP_G_CONFIG, device, dtype, kwargs,
+                                    special_tokens={"start": 49406, "end": 49407, "pad": 0})
+        self.dtypes = {dtype}  # newer hosts read this; harmless on older ones
+
+    def load_sd(self, sd):
+        # The host routes by "layers.30" keys, which a 3-layer CLIP-G lacks; route by width instead.
+        width = sd["text_model.final_layer_norm.weight"].shape[0]
+        return (self.clip_g if width == CLIP_G_WIDTH else self.clip_l).load_sd(sd)
+
+
+class TinySDXL(comfy.supported_models.SDXL):
+    """The host's SDXL model config (latent format, adm, key layout), matched to the tiny UNet."""
+
+    MMIG_TINY = True
+    unet_config = dict(TINY_UNET_CONFIG)
+
+    def clip_target(self, *args, **kwargs):  # newer hosts pass the state dict
+        return comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, TinySDXLClipModel)
+
+
+def register():
+    """Put TinySDXL first in the host's model list, once even if imported under two module names."""
+    models = comfy.supported_models.models
+    if not any(getattr(m, "MMIG_TINY", False) for m in models):
+        models.insert(0, TinySDXL)
+
+
+register()

@@ -1,0 +1,52 @@
+"""The tiny demo/test models, built once into a models folder laid out like ComfyUI/models/.
+
+Tests, `make demo`, `make run TINY=1` and `make bench` all call `ensure_tiny_models()`. Each model is
+random-weight, saved in its real on-disk format, and read back by the same loaders as real weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from devtools.paths import REPO_ROOT, TINY_MODELS_DIR, offline_env
+
+TINY_SDXL = "checkpoints/mmig-tiny-sdxl.safetensors"
+TINY_BLIP2 = "blip2/mmig-tiny-blip2"
+_BUILDERS = ("devtools/tiny_models.py", "devtools/tiny_sdxl.py", "devtools/tiny_blip2.py",
+             "devtools/tiny_host_support/__init__.py")
+
+
+def _builders_hash() -> str:
+    """Changes when a builder or a library that writes the files changes (formats move between versions)."""
+    from importlib.metadata import version
+    digest = hashlib.sha256(f"{version('transformers')} {version('safetensors')} {version('torch')}".encode())
+    for name in _BUILDERS:
+        path = REPO_ROOT / name
+        digest.update(path.read_bytes() if path.exists() else b"")
+    return digest.hexdigest()[:16]
+
+
+def ensure_tiny_models(root: Path = TINY_MODELS_DIR) -> Path:
+    """Build the tiny models under `root` unless the same builders already did; returns `root`."""
+    stamp = root / "built-by"
+    if stamp.exists() and stamp.read_text() == _builders_hash():
+        return root
+    staging = root.with_name(root.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    # Separate processes: the SDXL builder imports the host's `comfy`, which tests keep out of theirs.
+    for module, target in (("devtools.tiny_sdxl", TINY_SDXL), ("devtools.tiny_blip2", TINY_BLIP2)):
+        (staging / target).parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", module, str(staging / target)], cwd=REPO_ROOT,
+                       env=offline_env(), check=True)
+    (staging / "built-by").write_text(_builders_hash())
+    shutil.rmtree(root, ignore_errors=True)
+    staging.rename(root)  # atomic: a half-built folder is never taken for a finished one
+    return root
+
+
+if __name__ == "__main__":
+    print(ensure_tiny_models())

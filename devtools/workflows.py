@@ -1,0 +1,237 @@
+"""The two formats of a workflow, and checks of both against a running host's /object_info.
+
+`workflows/<name>.api.json` is the API format (what /prompt takes); `workflows/<name>.json` is the
+UI format the ComfyUI frontend loads (nodes with widget values, links with types). The UI twin is
+generated from the API twin (`python -m devtools.workflows regenerate`) so the two never drift.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from devtools.paths import REPO_ROOT
+
+WORKFLOWS_DIR = REPO_ROOT / "workflows"
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+TINY_PREFIX = "mmig-tiny"
+
+
+def api_path(workflow: str | Path) -> Path:
+    """`workflows/x.json`, `workflows/x.api.json` or a bare `x` -> the API twin's path."""
+    path = Path(workflow)
+    if path.parent == Path(".") and not path.name.endswith(".json"):
+        path = WORKFLOWS_DIR / path.name
+    name = path.name.removesuffix(".json").removesuffix(".api")
+    return path.resolve().parent / f"{name}.api.json"
+
+
+def workflow_names() -> list[str]:
+    return sorted(p.name.removesuffix(".api.json") for p in WORKFLOWS_DIR.glob("*.api.json"))
+
+
+def _inputs(info: dict) -> list[tuple[str, object, dict]]:
+    """(name, type, options) of a node's inputs, required first, in declaration order."""
+    out = []
+    for section in ("required", "optional"):
+        for name, spec in info["input"].get(section, {}).items():
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            out.append((name, spec[0], options))
+    return out
+
+
+def _is_widget(kind, options: dict) -> bool:
+    return (isinstance(kind, list) or kind == "COMBO" or kind in WIDGET_TYPES) and not options.get("forceInput")
+
+
+def _combo_options(kind, options: dict) -> list | None:
+    if isinstance(kind, list):
+        return kind
+    if kind == "COMBO":
+        return options.get("options", [])
+    return None
+
+
+def _has_seed_control(name: str, kind, options: dict) -> bool:
+    # The frontend adds a "control after generate" widget after these, and saves its value too.
+    return kind == "INT" and (options.get("control_after_generate") or name in ("seed", "noise_seed"))
+
+
+def _widget_layout(info: dict) -> list[tuple[str, object, dict, bool]]:
+    return [(n, k, o, _has_seed_control(n, k, o)) for n, k, o in _inputs(info) if _is_widget(k, o)]
+
+
+def api_to_ui(api: dict, object_info: dict) -> dict:
+    """The UI-format graph of an API-format graph, laid out left to right by dependency depth."""
+    depth: dict[str, int] = {}
+
+    def node_depth(node_id: str) -> int:
+        if node_id not in depth:
+            parents = [v[0] for v in api[node_id]["inputs"].values() if isinstance(v, list)]
+            depth[node_id] = 1 + max((node_depth(p) for p in parents), default=-1)
+        return depth[node_id]
+
+    nodes, links, rows = [], [], {}
+    outputs_links: dict[tuple[str, int], list[int]] = {}
+    for node_id in sorted(api, key=int):
+        node = api[node_id]
+        info = object_info[node["class_type"]]
+        inputs, widgets = [], []
+        for name, kind, options, control in _widget_layout(info):
+            if name in node["inputs"] and not isinstance(node["inputs"][name], list):
+                widgets.append(node["inputs"][name])
+                if control:
+                    widgets.append("fixed")
+            elif name in node["inputs"]:
+                raise ValueError(f"node {node_id}: widget input {name} is linked; not supported by the generator")
+        for name, kind, options in _inputs(info):
+            value = node["inputs"].get(name)
+            if _is_widget(kind, options) or (value is None and name not in info["input"].get("required", {})):
+                continue
+            link_id = len(links) + 1
+            if isinstance(value, list):
+                source, slot = value
+                out_type = object_info[api[source]["class_type"]]["output"][slot]
+                links.append([link_id, int(source), slot, int(node_id), len(inputs), out_type])
+                outputs_links.setdefault((source, slot), []).append(link_id)
+            else:
+                link_id = None
+            inputs.append({"name": name, "type": kind, "link": link_id})
+        d = node_depth(node_id)
+        row = rows.get(d, 0)
+        rows[d] = row + 1
+        nodes.append({"id": int(node_id), "type": node["class_type"], "pos": [40 + 380 * d, 60 + 320 * row],
+                      "size": [340, 260], "flags": {}, "order": 0, "mode": 0, "inputs": inputs,
+                      "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets,
+                      "title": node.get("_meta", {}).get("title", node["class_type"])})
+    for node in nodes:
+        info = object_info[node["type"]]
+        node["outputs"] = [{"name": (info.get("output_name") or info["output"])[slot], "type": kind,
+                            "links": outputs_links.get((str(node["id"]), slot), []), "slot_index": slot}
+                           for slot, kind in enumerate(info["output"])]
+    for order, node_id in enumerate(sorted(api, key=lambda n: (node_depth(n), int(n)))):
+        next(n for n in nodes if n["id"] == int(node_id))["order"] = order
+    return {"last_node_id": max(int(n) for n in api), "last_link_id": len(links), "nodes": nodes,
+            "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def _check_value(where: str, name: str, kind, options: dict, value) -> list[str]:
+    combo = _combo_options(kind, options)
+    if combo is not None:
+        if any(str(c).startswith(TINY_PREFIX) for c in combo):
+            # A model picker (the host lists a tiny model in it): any model name is valid, as shared
+            # workflows name models the host may not have; `make run TINY=1` swaps them.
+            return [] if isinstance(value, str) and value else [f"{where}: {name}: model name must be a string"]
+        return [] if value in combo else [f"{where}: {name}: {value!r} is not one of {combo[:10]}"]
+    if kind == "BOOLEAN":
+        return [] if isinstance(value, bool) else [f"{where}: {name}: {value!r} is not a boolean"]
+    if kind in ("INT", "FLOAT"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "INT" and not isinstance(value, int)):
+            return [f"{where}: {name}: {value!r} is not {kind}"]
+        low, high = options.get("min", float("-inf")), options.get("max", float("inf"))
+        return [] if low <= value <= high else [f"{where}: {name}: {value} outside [{low}, {high}]"]
+    if kind == "STRING":
+        return [] if isinstance(value, str) else [f"{where}: {name}: {value!r} is not a string"]
+    return []
+
+
+def validate_api(api: dict, object_info: dict) -> list[str]:
+    problems = []
+    for node_id, node in api.items():
+        where = f"node {node_id} ({node.get('class_type')})"
+        info = object_info.get(node.get("class_type"))
+        if info is None:
+            problems.append(f"{where}: node type not in this host (missing custom node?)")
+            continue
+        required = info["input"].get("required", {})
+        for name, kind, options in _inputs(info):
+            value = node["inputs"].get(name)
+            if value is None:
+                if name in required:
+                    problems.append(f"{where}: required input {name} missing")
+            elif isinstance(value, list):
+                source = api.get(str(value[0]))
+                if source is None or source.get("class_type") not in object_info:
+                    problems.append(f"{where}: {name} links to missing node {value[0]}")
+                    continue
+                out_types = object_info[source["class_type"]]["output"]
+                if value[1] >= len(out_types):
+                    problems.append(f"{where}: {name} links to missing output {value[1]} of node {value[0]}")
+                elif kind != "*" and out_types[value[1]] != "*" and out_types[value[1]] != kind:
+                    problems.append(f"{where}: {name} expects {kind}, linked to {out_types[value[1]]}")
+            else:
+                problems += _check_value(where, name, kind, options, value)
+    return problems
+
+
+def validate_ui(ui: dict, object_info: dict) -> list[str]:
+    problems = []
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    for link in ui["links"]:
+        link_id, src, src_slot, dst, dst_slot, kind = link[:6]
+        if src not in nodes or dst not in nodes:
+            problems.append(f"link {link_id}: connects a missing node")
+            continue
+        src_info, dst_info = object_info.get(nodes[src]["type"]), object_info.get(nodes[dst]["type"])
+        if src_info is None or dst_info is None:
+            continue  # reported below
+        out_type = src_info["output"][src_slot] if src_slot < len(src_info["output"]) else None
+        in_slot = nodes[dst]["inputs"][dst_slot] if dst_slot < len(nodes[dst]["inputs"]) else None
+        in_type = dict((n, k) for n, k, _ in _inputs(dst_info)).get(in_slot["name"]) if in_slot else None
+        if out_type is None or in_type is None:
+            problems.append(f"link {link_id}: slot out of range")
+        elif not (out_type == in_type == kind or "*" in (out_type, in_type)):
+            problems.append(f"link {link_id}: {nodes[src]['type']} {out_type} -> {nodes[dst]['type']} {in_type} "
+                            f"(link says {kind})")
+    for node in ui["nodes"]:
+        where = f"node {node['id']} ({node['type']})"
+        info = object_info.get(node["type"])
+        if info is None:
+            problems.append(f"{where}: node type not in this host (missing custom node?)")
+            continue
+        values = list(node.get("widgets_values", []))
+        layout = _widget_layout(info)
+        expected = len(layout) + sum(control for *_, control in layout)
+        if len(values) != expected:
+            problems.append(f"{where}: {len(values)} widget values, the node has {expected} widgets")
+            continue
+        for name, kind, options, control in layout:
+            problems += _check_value(where, name, kind, options, values.pop(0))
+            if control and values.pop(0) not in ("fixed", "increment", "decrement", "randomize"):
+                problems.append(f"{where}: {name}: bad control_after_generate value")
+    return problems
+
+
+def ui_matches_api(ui: dict, api: dict, object_info: dict) -> list[str]:
+    """Whether the UI twin is the API twin's graph (same nodes, widget values and links)."""
+    expected = api_to_ui(api, object_info)
+    strip = lambda g: ([(n["id"], n["type"], n["widgets_values"], [i["link"] for i in n["inputs"]]) for n in
+                        sorted(g["nodes"], key=lambda n: n["id"])], sorted(map(tuple, g["links"])))
+    return [] if strip(ui) == strip(expected) else ["the UI twin differs from the API twin: regenerate it"]
+
+
+def regenerate(object_info: dict) -> list[Path]:
+    written = []
+    for name in workflow_names():
+        api = json.loads((WORKFLOWS_DIR / f"{name}.api.json").read_text())
+        ui_path = WORKFLOWS_DIR / f"{name}.json"
+        ui_path.write_text(json.dumps(api_to_ui(api, object_info), indent=1) + "\n")
+        written.append(ui_path)
+    return written
+
+
+def main(argv: list[str]) -> int:
+    """`python -m devtools.workflows regenerate`: rewrite every UI twin from its API twin."""
+    if argv[:1] != ["regenerate"]:
+        print(main.__doc__)
+        return 2
+    from devtools.host import HostServer
+    from devtools.tiny_models import ensure_tiny_models
+    with HostServer([ensure_tiny_models()], with_tiny_support=True) as host:
+        for path in regenerate(host.object_info()):
+            print(f"wrote {path.relative_to(REPO_ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

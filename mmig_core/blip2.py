@@ -1,0 +1,130 @@
+"""BLIP-2 image captioning (the caption of the generated image, MMIG Eq. 4), independent of any host.
+
+`load_blip2(folder)` reads a Hugging Face BLIP-2 folder (safetensors only, no remote code, no network);
+`caption_images(captioner, images)` captions a ComfyUI IMAGE batch one image at a time so a caller can show
+progress and interrupt. transformers is imported inside the functions: importing this module stays cheap.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .model_files import ModelFilesError, require_hf_folder
+
+SOURCE_HINT = (
+    "BLIP-2 weights come from Hugging Face, e.g. Salesforce/blip2-opt-2.7b: "
+    "`huggingface-cli download Salesforce/blip2-opt-2.7b --local-dir ComfyUI/models/blip2/blip2-opt-2.7b`.")
+
+
+@dataclass
+class Blip2Captioner:
+    """A loaded BLIP-2: `model` (Blip2ForConditionalGeneration, eval mode) and its `processor`."""
+    model: Any
+    processor: Any
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype pixel values need: the vision tower's (the Q-Former may be kept in float32)."""
+        return self.model.vision_model.embeddings.patch_embedding.weight.dtype
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """transformers 5 names the from_pretrained argument `dtype`, 4.x `torch_dtype`."""
+    import transformers
+    return {"dtype": dtype} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": dtype}
+
+
+def load_blip2(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, searched: list[str] | None = None,
+               source_hint: str = SOURCE_HINT) -> Blip2Captioner:
+    """Load a BLIP-2 model and processor from a local folder; any failure is a ModelFilesError.
+
+    `searched` lists the folders a user can put models in and `source_hint` says where weights come from
+    (both for error messages).
+    """
+    path = require_hf_folder(folder, kind="BLIP-2", searched=searched, source_hint=source_hint)
+    try:
+        from transformers import Blip2ForConditionalGeneration, Blip2Processor
+        model, info = Blip2ForConditionalGeneration.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
+            **_dtype_kwarg(dtype))
+        if info.get("missing_keys"):  # transformers would fill them with random values and only warn
+            missing = sorted(info["missing_keys"])
+            raise ValueError(f"the safetensors weights lack {len(missing)} tensors of config.json's model "
+                             f"(e.g. {', '.join(missing[:3])}); the files may be from another model or incomplete")
+        processor = Blip2Processor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - every cause becomes an error naming the folder
+        raise ModelFilesError(f"Could not load the BLIP-2 model in {path}: {type(e).__name__}: {e}. "
+                              f"{source_hint}") from e
+    # Without its files, a tokenizer can load empty and silently encode text to nothing.
+    tokenizer = processor.tokenizer
+    ids = tokenizer("a photo of", add_special_tokens=False)["input_ids"]
+    if not ids or all(i == tokenizer.unk_token_id for i in ids):
+        raise ModelFilesError(f"The tokenizer in {path} is empty ({len(tokenizer)} tokens): its files "
+                              f"(tokenizer.json, or vocab.json + merges.txt) are missing or corrupt. {source_hint}")
+    # Older checkpoints' processors lack num_query_tokens; with an image token in the config the model needs it.
+    if getattr(processor, "num_query_tokens", 0) is None and getattr(model.config, "image_token_index", None):
+        processor.num_query_tokens = model.config.num_query_tokens
+    return Blip2Captioner(model=model.eval(), processor=processor)
+
+
+def _to_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE [B,H,W,C] float 0..1 -> [B,H,W,3] uint8 on the CPU."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"expected an IMAGE tensor [batch, height, width, channels], got {shape}")
+    if images.shape[0] == 0:
+        raise ValueError("the image batch is empty: there is nothing to caption")
+    channels = images.shape[-1]
+    if channels == 1:
+        images = images.expand(-1, -1, -1, 3)
+    elif channels == 4:
+        images = images[..., :3]
+    elif channels != 3:
+        raise ValueError(f"expected 1, 3 or 4 channels in the last dimension, got {channels} (shape "
+                         f"{tuple(images.shape)}); a ComfyUI IMAGE is [batch, height, width, channels]")
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+def caption_images(captioner: Blip2Captioner, images: torch.Tensor, *, max_new_tokens: int = 30,
+                   num_beams: int = 1, do_sample: bool = False, seed: int = 0, prompt: str = "",
+                   on_image_done: Callable[[int], None] | None = None,
+                   check_interrupt: Callable[[], None] | None = None) -> list[str]:
+    """Caption each image of a ComfyUI IMAGE batch [B,H,W,C] (C = 1, 3 or 4); returns B strings.
+
+    With `prompt` (e.g. "a photo of") each caption is that prefix and its continuation. With `do_sample`,
+    image i is sampled with seed `seed + i`, so a run repeats exactly. `check_interrupt()` is called before
+    and `on_image_done(i)` after each image.
+    """
+    pixels = _to_rgb_uint8(images)
+    model, processor = captioner.model, captioner.processor
+    device, dtype = captioner.device, captioner.dtype
+    prompt = prompt.strip()
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=1, num_beams=num_beams, do_sample=do_sample)
+    captions = []
+    for i in range(pixels.shape[0]):
+        if check_interrupt is not None:
+            check_interrupt()
+        inputs = processor(images=[pixels[i].numpy()], text=[prompt], return_tensors="pt")
+        input_ids = inputs["input_ids"].to(device)
+        rng_devices = [device] if device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=rng_devices, enabled=do_sample):
+            if do_sample:
+                torch.manual_seed((seed + i) % 2**64)
+            out = model.generate(pixel_values=inputs["pixel_values"].to(device, dtype), input_ids=input_ids,
+                                 attention_mask=inputs["attention_mask"].to(device), **gen_kwargs)[0]
+        # transformers 5 returns prompt + continuation, older versions the continuation only.
+        n = input_ids.shape[1]
+        if out.shape[0] >= n and torch.equal(out[:n].cpu(), input_ids[0].cpu()):
+            out = out[n:]
+        continuation = processor.tokenizer.decode(out, skip_special_tokens=True)
+        captions.append((prompt + continuation).strip())
+        if on_image_done is not None:
+            on_image_done(i)
+    return captions

