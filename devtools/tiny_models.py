@@ -5,6 +5,7 @@ random-weight, saved in its real on-disk format, and read back by the same loade
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import shutil
 import subprocess
@@ -15,8 +16,14 @@ from devtools.paths import REPO_ROOT, TINY_MODELS_DIR, offline_env
 
 TINY_SDXL = "checkpoints/mmig-tiny-sdxl.safetensors"
 TINY_BLIP2 = "blip2/mmig-tiny-blip2"
-_BUILDERS = ("devtools/tiny_models.py", "devtools/tiny_sdxl.py", "devtools/tiny_blip2.py",
-             "devtools/tiny_host_support/__init__.py")
+# Each tiny model: (builder module, run as `python -m MODULE OUT_PATH`; its path under the models folder).
+# Names start with "mmig-tiny" so `make run TINY=1` can tell a tiny model in any model picker.
+TINY_MODELS = [
+    ("devtools.tiny_sdxl", TINY_SDXL),
+    ("devtools.tiny_blip2", TINY_BLIP2),
+]
+_BUILDERS = ["devtools/tiny_models.py", "devtools/tiny_host_support/__init__.py",
+             *(module.replace(".", "/") + ".py" for module, _ in TINY_MODELS)]
 
 
 def _builders_hash() -> str:
@@ -31,20 +38,23 @@ def _builders_hash() -> str:
 
 def ensure_tiny_models(root: Path = TINY_MODELS_DIR) -> Path:
     """Build the tiny models under `root` unless the same builders already did; returns `root`."""
-    stamp = root / "built-by"
-    if stamp.exists() and stamp.read_text() == _builders_hash():
-        return root
-    staging = root.with_name(root.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    # Separate processes: the SDXL builder imports the host's `comfy`, which tests keep out of theirs.
-    for module, target in (("devtools.tiny_sdxl", TINY_SDXL), ("devtools.tiny_blip2", TINY_BLIP2)):
-        (staging / target).parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", module, str(staging / target)], cwd=REPO_ROOT,
-                       env=offline_env(), check=True)
-    (staging / "built-by").write_text(_builders_hash())
-    shutil.rmtree(root, ignore_errors=True)
-    staging.rename(root)  # atomic: a half-built folder is never taken for a finished one
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(root.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent test sessions build once, and never see half a folder
+        stamp = root / "built-by"
+        if stamp.exists() and stamp.read_text() == _builders_hash():
+            return root
+        staging = root.with_name(root.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        # Separate processes: the SDXL builder imports the host's `comfy`, which tests keep out of theirs.
+        for module, target in TINY_MODELS:
+            (staging / target).parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run([sys.executable, "-m", module, str(staging / target)], cwd=REPO_ROOT,
+                           env=offline_env(), check=True)
+        (staging / "built-by").write_text(_builders_hash())
+        shutil.rmtree(root, ignore_errors=True)
+        staging.rename(root)
     return root
 
 
