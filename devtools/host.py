@@ -51,6 +51,19 @@ class GraphResult:
         return self
 
 
+def _die_with_parent() -> None:
+    """In the server's process: get SIGTERM when the process that started it dies (Linux).
+
+    A test run killed by a timeout must not leave a server behind, holding memory and a port.
+    """
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: stop() and the context manager still end it
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,6 +118,25 @@ class HostServer:
         config.write_text("\n".join(lines) + "\n")
         return config
 
+    def _user_data_args(self) -> list[str]:
+        """Keep the host's per-user data (settings, its sqlite database) in the work folder.
+
+        Newer hosts write `user/` and `user/comfyui.db` inside the ComfyUI checkout, which may be
+        someone's real install, and which concurrent servers would share. Older hosts have neither
+        flag; which ones this host takes is read from its argument parser's source.
+        """
+        cli_args = self.host / "comfy" / "cli_args.py"
+        flags = cli_args.read_text(errors="replace") if cli_args.is_file() else ""
+        user_dir = self.work_dir / "user"
+        args = []
+        if '"--user-directory"' in flags:
+            user_dir.mkdir(parents=True, exist_ok=True)  # the host requires it to exist
+            args += ["--user-directory", str(user_dir)]
+        if '"--database-url"' in flags:
+            user_dir.mkdir(parents=True, exist_ok=True)
+            args += ["--database-url", f"sqlite:///{user_dir / 'comfyui.db'}"]
+        return args
+
     def start(self) -> "HostServer":
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.input_dir.mkdir(parents=True, exist_ok=True)
@@ -112,10 +144,11 @@ class HostServer:
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--extra-model-paths-config", str(config),
                "--output-directory", str(self.output_dir), "--input-directory", str(self.input_dir),
-               "--temp-directory", str(self.work_dir), *self.extra_args]
+               "--temp-directory", str(self.work_dir), *self._user_data_args(), *self.extra_args]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.host, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=offline_env(), start_new_session=True)
+                                     env=offline_env(), start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from devtools.host import HostServer
-from devtools.workflows import TINY_PREFIX, api_path, validate_api
+from devtools.workflows import TINY_PREFIX, api_path, combo_options, validate_api
 
 
 def swap_to_tiny(api: dict, object_info: dict) -> list[str]:
@@ -23,8 +23,8 @@ def swap_to_tiny(api: dict, object_info: dict) -> list[str]:
         info = object_info.get(node["class_type"], {}).get("input", {})
         specs = {**info.get("required", {}), **info.get("optional", {})}
         for name, value in node["inputs"].items():
-            options = specs.get(name, [None])[0]
-            if not isinstance(options, list) or isinstance(value, list):
+            options = combo_options(specs.get(name))
+            if options is None or isinstance(value, list):
                 continue
             tiny = [o for o in options if str(o).startswith(TINY_PREFIX)]
             if tiny and value not in tiny:
@@ -40,8 +40,8 @@ def missing_models(api: dict, object_info: dict) -> list[str]:
         info = object_info.get(node["class_type"], {}).get("input", {})
         specs = {**info.get("required", {}), **info.get("optional", {})}
         for name, value in node["inputs"].items():
-            options = specs.get(name, [None])[0]
-            if isinstance(options, list) and any(str(o).startswith(TINY_PREFIX) for o in options) \
+            options = combo_options(specs.get(name))
+            if options is not None and any(str(o).startswith(TINY_PREFIX) for o in options) \
                     and value not in options:
                 missing.append(f"{value} ({node['class_type']}.{name})")
     return missing
@@ -51,10 +51,26 @@ def output_node_ids(api: dict, object_info: dict) -> list[str]:
     return [i for i, n in api.items() if object_info.get(n["class_type"], {}).get("output_node")]
 
 
+TINY_MAX_SIDE = 128   # px: tiny models only smoke-test a graph, and a 1024 px latent takes minutes on a CPU
+TINY_MAX_STEPS = 4
+
+
+def shrink_for_tiny(api: dict) -> list[str]:
+    """Cap every width/height and steps value, so a graph written for real SDXL runs in seconds."""
+    shrunk = []
+    for node_id, node in api.items():
+        for name, value in node["inputs"].items():
+            cap = TINY_MAX_SIDE if name in ("width", "height") else TINY_MAX_STEPS if name == "steps" else None
+            if cap is not None and isinstance(value, int) and not isinstance(value, bool) and value > cap:
+                node["inputs"][name] = cap
+                shrunk.append(f"node {node_id} {node['class_type']}.{name}: {value} -> {cap}")
+    return shrunk
+
+
 def run_workflow(host: HostServer, api: dict, *, tiny: bool, log=print) -> tuple[int, list[Path]]:
     object_info = host.object_info()
     if tiny:
-        for line in swap_to_tiny(api, object_info):
+        for line in swap_to_tiny(api, object_info) + shrink_for_tiny(api):
             log(f"tiny: {line}")
     problems = validate_api(api, object_info)
     if problems:

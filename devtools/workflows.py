@@ -45,6 +45,8 @@ def _is_widget(kind, options: dict) -> bool:
 
 
 def _combo_options(kind, options: dict) -> list | None:
+    # Hosts describe a combo either as a bare list of values (V1 nodes) or, since the V3 node
+    # schema, as ("COMBO", {"options": [...]}); one host's /object_info can hold both.
     if isinstance(kind, list):
         return kind
     if kind == "COMBO":
@@ -52,13 +54,38 @@ def _combo_options(kind, options: dict) -> list | None:
     return None
 
 
-def _has_seed_control(name: str, kind, options: dict) -> bool:
-    # The frontend adds a "control after generate" widget after these, and saves its value too.
-    return kind == "INT" and (options.get("control_after_generate") or name in ("seed", "noise_seed"))
+def combo_options(spec) -> list | None:
+    """The values of a combo input from its /object_info spec (either form), else None."""
+    if not isinstance(spec, (list, tuple)) or not spec:
+        return None
+    return _combo_options(spec[0], spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
 
 
-def _widget_layout(info: dict) -> list[tuple[str, object, dict, bool]]:
-    return [(n, k, o, _has_seed_control(n, k, o)) for n, k, o in _inputs(info) if _is_widget(k, o)]
+def _control_widgets(name: str, kind, options: dict) -> int:
+    """How many widgets the frontend adds after this one to control its value after each run.
+
+    Each saves its value in widgets_values right after the input's own. An INT gets a "control after
+    generate" combo when its spec asks for one, and a seed/noise_seed INT unless its spec says
+    control_after_generate: false (the newest frontend honours that; older hosts never send it). A
+    combo that asks gets the control combo and a filter-list text widget; a FLOAT (newer hosts only)
+    gets the control combo.
+    """
+    control = options.get("control_after_generate")
+    if kind == "INT":
+        return int(bool(name in ("seed", "noise_seed") if control is None else control))
+    if _combo_options(kind, options) is not None:
+        return 2 if control else 0
+    if kind == "FLOAT":
+        return 1 if control else 0
+    return 0
+
+
+def _control_defaults(count: int) -> list:
+    return ["fixed", ""][:count]  # the control combo, then a combo's (empty) filter list
+
+
+def _widget_layout(info: dict) -> list[tuple[str, object, dict, int]]:
+    return [(n, k, o, _control_widgets(n, k, o)) for n, k, o in _inputs(info) if _is_widget(k, o)]
 
 
 def api_to_ui(api: dict, object_info: dict) -> dict:
@@ -80,13 +107,17 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
         for name, kind, options, control in _widget_layout(info):
             if name in node["inputs"] and not isinstance(node["inputs"][name], list):
                 widgets.append(node["inputs"][name])
-                if control:
-                    widgets.append("fixed")
+                widgets += _control_defaults(control)
             elif name in node["inputs"]:
-                raise ValueError(f"node {node_id}: widget input {name} is linked; not supported by the generator")
-        for name, kind, options in _inputs(info):
+                # A widget converted to an input: the frontend keeps a value for it and adds an input slot.
+                widgets.append(options.get("default", ""))
+                widgets += _control_defaults(control)
+        # Widgets converted to inputs come after the node's own input slots, as the frontend adds them.
+        for name, kind, options in sorted(_inputs(info), key=lambda i: _is_widget(i[1], i[2])):
             value = node["inputs"].get(name)
-            if _is_widget(kind, options) or (value is None and name not in info["input"].get("required", {})):
+            linked_widget = _is_widget(kind, options) and isinstance(value, list)
+            if (_is_widget(kind, options) and not linked_widget) or \
+                    (value is None and name not in info["input"].get("required", {})):
                 continue
             link_id = len(links) + 1
             if isinstance(value, list):
@@ -96,7 +127,8 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
                 outputs_links.setdefault((source, slot), []).append(link_id)
             else:
                 link_id = None
-            inputs.append({"name": name, "type": kind, "link": link_id})
+            inputs.append({"name": name, "type": kind, "link": link_id, **({"widget": {"name": name}}
+                                                                         if linked_widget else {})})
         d = node_depth(node_id)
         row = rows.get(d, 0)
         rows[d] = row + 1
@@ -197,8 +229,10 @@ def validate_ui(ui: dict, object_info: dict) -> list[str]:
             continue
         for name, kind, options, control in layout:
             problems += _check_value(where, name, kind, options, values.pop(0))
-            if control and values.pop(0) not in ("fixed", "increment", "decrement", "randomize"):
+            if control and values.pop(0) not in ("fixed", "increment", "decrement", "randomize", "increment-wrap"):
                 problems.append(f"{where}: {name}: bad control_after_generate value")
+            if control > 1 and not isinstance(values.pop(0), str):
+                problems.append(f"{where}: {name}: bad control_filter_list value")
     return problems
 
 

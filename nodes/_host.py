@@ -85,17 +85,37 @@ def pick_dtype(choice: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[choice]
 
 
+def _holder(model):
+    """A plain torch module holding `model`, for the host's ModelPatcher to manage.
+
+    Newer hosts record where a model lives by assigning `model.device` (and a few counters) on the
+    module they manage; a Hugging Face model has a read-only `device` property, so that assignment
+    fails. The holder takes those attributes instead; its `.to()` still moves every weight of `model`.
+    """
+    import torch
+
+    class HostManagedModule(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            first = next(inner.parameters(), None)
+            self.device = first.device if first is not None else None
+
+    return HostManagedModule(model)
+
+
 def managed(model):
     """Wrap a torch module so the host's memory manager loads it to the device and offloads it."""
     import comfy.model_management
     import comfy.model_patcher
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+    return comfy.model_patcher.ModelPatcher(_holder(model), load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
 
 
-def load_to_device(patcher) -> None:
+def load_to_device(*patchers) -> None:
+    """Load one or more managed models together (one call, so loading one does not offload another)."""
     import comfy.model_management
-    comfy.model_management.load_models_gpu([patcher])
+    comfy.model_management.load_models_gpu(list(patchers))
 
 
 def throw_if_interrupted() -> None:

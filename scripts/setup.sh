@@ -53,8 +53,26 @@ elif [ ! -f "$COMFYUI_PATH/main.py" ]; then
   exit 2
 fi
 
+# torch, torchvision and torchaudio are this script's job, not the host's requirements': they are
+# pinned above to the local wheel store, and a host's unpinned `torchaudio` could otherwise make pip
+# swap torch for an older release that torchaudio pins. torchaudio is optional for us (ComfyUI starts
+# without it; only its audio nodes fail to import), so it is tried against the installed torch and
+# skipped with a note when no matching release exists.
+HOST_REQUIREMENTS=.cache/host-requirements.txt
+grep -v -i -E '^[[:space:]]*(torch|torchvision|torchaudio)[[:space:]]*([<>=!~;[]|$)' "$(host_requirements)" \
+  > "$HOST_REQUIREMENTS" || true
+# Imported by newer hosts (app/frontend_management.py) but not listed in their requirements.txt: it
+# used to arrive with transformers 4, which transformers 5 no longer depends on.
+HOST_UNLISTED="requests"
+
 echo "setup: installing the host's, the pack's and the dev requirements"
-$PIP install -q -r "$(host_requirements)" -r requirements.txt -r requirements-dev.txt
+$PIP install -q -r "$HOST_REQUIREMENTS" $HOST_UNLISTED -r requirements.txt -r requirements-dev.txt
+if grep -q -i -E '^[[:space:]]*torchaudio([^[:alnum:]_-]|$)' "$(host_requirements)" \
+    && ! "$VENV/bin/python" -c "import torchaudio" 2>/dev/null; then
+  torch_version=$("$VENV/bin/python" -c "import torch; print(torch.__version__.split('+')[0])")
+  $PIP install -q torchaudio "torch==$torch_version" \
+    || echo "setup: note: no torchaudio for torch $torch_version here; the host's audio nodes will not load"
+fi
 
 stamp_inputs | sha256sum > "$STAMP"
 echo "setup: done in $(( $(date +%s) - start )) s"

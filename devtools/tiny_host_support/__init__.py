@@ -43,11 +43,14 @@ def _accepted(fn, kwargs):
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def _text_encoder(config_path, device, dtype, extra, **choices):
+def _text_encoder(name, config_path, device, dtype, extra, **choices):
     # SDXL's layer choices for both encoders: penultimate hidden state, no final layer norm on it.
     # (SDClipModel asserts abs(layer_idx) < num_layers, hence 3 layers in the JSON files, not 2.)
     kwargs = dict(extra, device=device, dtype=dtype, layer="hidden", layer_idx=-2,
                   layer_norm_hidden_state=False, textmodel_json_config=config_path, **choices)
+    # Hosts that pass model_options key per-encoder settings (clip_g_model_config, ...) by its
+    # model_name, which they set for their own CLIP-L / CLIP-G but not for a custom config file.
+    kwargs["model_options"] = {**extra.get("model_options", {}), "model_name": name}
     return comfy.sd1_clip.SDClipModel(**_accepted(comfy.sd1_clip.SDClipModel.__init__, kwargs))
 
 
@@ -57,8 +60,8 @@ class TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
     def __init__(self, device="cpu", dtype=None, **kwargs):
         # Skip SDXLClipModel.__init__: it would first build the full-size 32-layer CLIP-G.
         torch.nn.Module.__init__(self)
-        self.clip_l = _text_encoder(CLIP_L_CONFIG, device, dtype, kwargs)
-        self.clip_g = _text_encoder(CLIP_G_CONFIG, device, dtype, kwargs,
+        self.clip_l = _text_encoder("clip_l", CLIP_L_CONFIG, device, dtype, kwargs)
+        self.clip_g = _text_encoder("clip_g", CLIP_G_CONFIG, device, dtype, kwargs,
                                     special_tokens={"start": 49406, "end": 49407, "pad": 0})
         self.dtypes = {dtype}  # newer hosts read this; harmless on older ones
 

@@ -6,6 +6,15 @@ pytestmark = pytest.mark.host
 SHIPPED_NODE_IDS = [
     "MMIG_BLIP2Loader",
     "MMIG_BLIP2Caption",
+    "MMIG_AStarGuidance",
+    "MMIG_LayeredEmbeddings",
+    "MMIG_DiffRIRLoader",
+    "MMIG_DiffRIRRestore",
+    "MMIG_VLMLoader",
+    "MMIG_MultimodalPrompt",
+    "MMIG_AdapterLoader",
+    "MMIG_MUMUEncode",
+    "MMIG_MLLMDescribe",
 ]
 
 

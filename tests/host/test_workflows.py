@@ -50,3 +50,38 @@ def test_workflow_runs_on_tiny_models(host, name):
     code, files = run_workflow(host, api, tiny=True, log=messages.append)
     assert code == 0, "\n".join(messages) + "\n" + host.log_tail()
     assert files and all(f.stat().st_size > 0 for f in files)
+
+
+def test_tools_read_both_combo_forms_and_control_widgets():
+    # Newer hosts describe V3 nodes' combos as ("COMBO", {"options": [...]}) beside V1 bare lists,
+    # and the newest frontend adds control widgets after combos and honours control_after_generate:
+    # false on a seed. No host needed: these hosts' /object_info shapes, written out.
+    from devtools.run import swap_to_tiny
+    from devtools.workflows import api_to_ui
+
+    object_info = {
+        "V1Loader": {"input": {"required": {"ckpt_name": [["mmig-tiny-a.safetensors", "real.safetensors"], {}]}},
+                     "output": ["MODEL"], "output_name": ["MODEL"]},
+        "V3Sampler": {"input": {"required": {
+            "model": ["MODEL", {}],
+            "vlm_name": ["COMBO", {"options": ["mmig-tiny-vlm", "big-vlm"]}],
+            "mode": ["COMBO", {"options": ["a", "b"], "control_after_generate": True}],
+            "seed": ["INT", {"default": 0, "min": 0, "max": 9, "control_after_generate": False}],
+            "noise_seed": ["INT", {"default": 0, "min": 0, "max": 9}]}},
+            "output": ["LATENT"], "output_name": ["LATENT"]},
+    }
+    api = {"1": {"class_type": "V1Loader", "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
+           "2": {"class_type": "V3Sampler", "inputs": {"model": ["1", 0], "vlm_name": "big-vlm", "mode": "b",
+                                                       "seed": 3, "noise_seed": 4}}}
+    assert validate_api(api, object_info) == []
+    assert validate_api({**api, "2": {**api["2"], "inputs": {**api["2"]["inputs"], "mode": "z"}}},
+                        object_info) != []
+    swapped = copy.deepcopy(api)
+    assert len(swap_to_tiny(swapped, object_info)) == 2
+    assert swapped["1"]["inputs"]["ckpt_name"] == "mmig-tiny-a.safetensors"
+    assert swapped["2"]["inputs"]["vlm_name"] == "mmig-tiny-vlm"
+    ui = api_to_ui(api, object_info)
+    sampler = next(n for n in ui["nodes"] if n["type"] == "V3Sampler")
+    # combo value, its control and filter list; seed without control; noise_seed with its control.
+    assert sampler["widgets_values"] == ["big-vlm", "b", "fixed", "", 3, 4, "fixed"]
+    assert validate_ui(ui, object_info) == []

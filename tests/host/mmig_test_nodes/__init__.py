@@ -16,5 +16,46 @@ class MMIGTest_EmptyImageBatch:
         return (torch.zeros(0, height, width, 3),)
 
 
+class MMIGTest_ImageChannels:
+    """An IMAGE with 1, 2 or 4 channels (grey, grey+alpha, RGBA), which no host node outputs."""
+    CATEGORY = "MMIG/testing"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), "channels": ("INT", {"default": 1, "min": 1, "max": 4})}}
+
+    def make(self, image, channels):
+        grey = image.mean(dim=-1, keepdim=True)
+        alpha = torch.ones_like(grey)
+        return ({1: grey, 2: torch.cat([grey, alpha], -1), 3: image, 4: torch.cat([image, alpha], -1)}[channels],)
+
+
 NODE_CLASS_MAPPINGS = {"MMIGTest_EmptyImageBatch": MMIGTest_EmptyImageBatch}
+NODE_CLASS_MAPPINGS["MMIGTest_ImageChannels"] = MMIGTest_ImageChannels
 NODE_DISPLAY_NAME_MAPPINGS = {}
+
+
+class MMIGTest_ConditioningInfo:
+    """Reports a CONDITIONING's shapes, extra keys and per-item means, to check the pack's conditioning."""
+    CATEGORY = "MMIG/testing"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "report"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",)}}
+
+    def report(self, conditioning):
+        info = []
+        for cond, extra in conditioning:
+            pooled = extra.get("pooled_output")
+            info.append({"shape": list(cond.shape), "means": cond.float().mean(dim=(1, 2)).tolist(),
+                         "pooled_shape": list(pooled.shape) if pooled is not None else None,
+                         "extra": {k: v for k, v in extra.items() if isinstance(v, (int, float, str))}})
+        return {"ui": {"conditioning": info}}
+
+
+NODE_CLASS_MAPPINGS["MMIGTest_ConditioningInfo"] = MMIGTest_ConditioningInfo

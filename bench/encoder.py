@@ -1,0 +1,130 @@
+"""The MUMU encoder's cost: encode over a raw VLM forward, tokens per image, and a re-queued graph.
+
+- `encode_over_vlm_forward`: what MMIG MUMU Encode does (prompt -> processor -> VLM -> adapter) over the
+  VLM forward alone on the same prepared inputs, medians of alternating repeats. The VLM and adapter are
+  Idefics2-8B and MUMU's 16-layer adapter scaled down together (widths / 8, depths / 8, so the two keep
+  their real cost ratio) and fed MUMU's real sequence: two images at 448 px without the perceiver.
+- `tokens_per_image_with_perceiver` / `..._without_perceiver`: per image at 448 px with Idefics2's
+  64-latent perceiver, and with it removed (14 px patches).
+- `requeue_over_first_run`: a MUMU graph through the real host on the tiny models, re-queued unchanged,
+  over its first run (the host's cache must answer it without running anything).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from bench.common import median, write_result  # noqa: E402
+
+REPEATS = 5
+# Idefics2-8B / 8: vision 1152 x 27 layers, text 4096 x 32 layers (Mistral-7B), perceiver 64 latents.
+VISION = dict(hidden_size=144, intermediate_size=540, num_hidden_layers=3, num_attention_heads=2, image_size=980,
+              patch_size=14)
+PERCEIVER = dict(hidden_size=512, resampler_n_latents=64, resampler_depth=1, resampler_n_heads=4,
+                 resampler_head_dim=32, num_key_value_heads=2)
+TEXT = dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1)
+ADAPTER = dict(width=128, num_layers=2, num_heads=2)  # MUMU's 16 layers at width 1024, / 8
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def encoder_ratio(folder: Path) -> dict:
+    import torch
+
+    from devtools.tiny_idefics2 import build_tiny_idefics2
+    from mmig_core.mm_prompt import build_prompt
+    from mmig_core.mumu_adapter import MUMUAdapter, MUMUAdapterConfig, init_adapter
+    from mmig_core.vlm import encode_prompts, hidden_states, load_vlm, prompt_inputs
+
+    build_tiny_idefics2(folder, vision=VISION, perceiver=PERCEIVER, text=TEXT, init_std=0.02)
+    with_perceiver = load_vlm(folder, drop_perceiver=False, image_resolution=448)
+    vlm = load_vlm(folder, drop_perceiver=True, image_resolution=448)
+    adapter = init_adapter(MUMUAdapter(MUMUAdapterConfig(input_dim=TEXT["hidden_size"], **ADAPTER))).eval()
+    g = torch.Generator().manual_seed(0)
+    prompt = build_prompt("a <image1> man and his <image2> dog in an animated style",
+                          {1: torch.rand(1, 600, 400, 3, generator=g), 2: torch.rand(1, 480, 640, 3, generator=g)})
+    inputs = prompt_inputs(vlm, prompt)
+
+    def encode():  # MMIG_MUMUEncode's work, without the host
+        embeds = encode_prompts(vlm, [prompt])
+        with torch.no_grad():
+            adapter(embeds.hidden_states, embeds.attention_mask)
+
+    def forward():
+        hidden_states(vlm, inputs)
+
+    states = hidden_states(vlm, inputs).float()
+    parts = {  # where the difference goes: preprocessing (pad, processor) and the adapter
+        "preprocess": lambda: prompt_inputs(vlm, prompt),
+        "adapter": lambda: adapter(states),
+    }
+    with torch.inference_mode():
+        encode(), forward()  # warm-up
+        times = {"encode": [], "forward": [], **{name: [] for name in parts}}
+        for _ in range(REPEATS):
+            times["encode"].append(_time(encode))
+            times["forward"].append(_time(forward))
+            for name, fn in parts.items():
+                times[name].append(_time(fn))
+    return {"encode_over_vlm_forward": median(times["encode"]) / median(times["forward"]),
+            "encode_seconds_median": median(times["encode"]), "vlm_forward_seconds_median": median(times["forward"]),
+            "preprocess_seconds_median": median(times["preprocess"]),
+            "adapter_seconds_median": median(times["adapter"]),
+            "sequence_tokens": int(inputs["input_ids"].shape[1]),
+            "tokens_per_image_with_perceiver": with_perceiver.tokens_per_image,
+            "tokens_per_image_without_perceiver": vlm.tokens_per_image}
+
+
+def requeue_ratio() -> dict:
+    from devtools.host import HostServer
+    from devtools.tiny_models import TINY_IDEFICS2, TINY_MUMU_ADAPTER, TINY_SDXL, ensure_tiny_models
+
+    def graph(color: int) -> dict:
+        return {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 48, "height": 40, "batch_size": 1, "color": color}},
+            "2": {"class_type": "MMIG_MultimodalPrompt", "inputs": {"text": "a <image1> fox", "image1": ["1", 0]}},
+            "3": {"class_type": "MMIG_VLMLoader", "inputs": {"model_name": TINY_IDEFICS2.split("/")[-1], "dtype": "auto",
+                                                             "drop_perceiver": True, "image_resolution": 448}},
+            "4": {"class_type": "MMIG_AdapterLoader", "inputs": {"adapter_name": TINY_MUMU_ADAPTER.split("/")[-1],
+                                                                 "dtype": "auto"}},
+            "5": {"class_type": "MMIG_MUMUEncode", "inputs": {"vlm": ["3", 0], "adapter": ["4", 0], "mm_prompt": ["2", 0],
+                                                              "width": 1024, "height": 1024}},
+            "6": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TINY_SDXL.split("/")[-1]}},
+            "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["6", 1]}},
+            "8": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "9": {"class_type": "KSampler", "inputs": {
+                "seed": 1, "steps": 4, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+                "model": ["6", 0], "positive": ["5", 0], "negative": ["7", 0], "latent_image": ["8", 0]}},
+            "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["6", 2]}},
+            "11": {"class_type": "PreviewImage", "inputs": {"images": ["10", 0]}},
+        }
+
+    first, again = [], []
+    with HostServer([ensure_tiny_models()], with_tiny_support=True) as host:
+        for i in range(REPEATS):  # a new image each time, so the first run really encodes
+            g = graph(0x102030 + i)
+            first.append(host.run_graph(g).check().seconds)
+            again.append(host.run_graph(g).check().seconds)
+    return {"requeue_over_first_run": median(again) / median(first), "first_run_seconds_median": median(first),
+            "requeue_seconds_median": median(again)}
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="mmig-bench-vlm-") as tmp:
+        result = encoder_ratio(Path(tmp) / "idefics2-8b-scaled")
+    result.update(requeue_ratio())
+    result["repeats"] = REPEATS
+    write_result("encoder", result,
+                 f"MUMU encode / VLM forward = {result['encode_over_vlm_forward']:.3f} "
+                 f"({result['sequence_tokens']} tokens); tokens per image {result['tokens_per_image_with_perceiver']} "
+                 f"with perceiver, {result['tokens_per_image_without_perceiver']} without; re-queued graph / first run "
+                 f"= {result['requeue_over_first_run']:.3f} (medians of {REPEATS})")

@@ -1,0 +1,187 @@
+"""MUMU's adapter: a non-causal transformer from a VLM's hidden states to SDXL's cross-attention context.
+
+    context [B, N, 2048], pooled [B, 1280] = MUMUAdapter(hidden_states [B, L, H_vlm], mask [B, L])
+
+Every token attends to every real token (no causal mask; MUMU uses 16 layers). The pooled vector, which
+SDXL takes from CLIP-G's pooled text embedding, comes from attention pooling: a learned query attends
+over the real tokens. The sequence is extended with a learned padding token to a multiple of 77, as
+CLIP pads its 77-token windows, so the conditioning batches with a text-encoded negative prompt
+in the host; padding attends to the prompt but no real token attends to padding, so the real tokens'
+outputs do not depend on how much padding there is.
+
+A saved adapter is one safetensors file with its config as JSON in the metadata (`save_adapter`,
+`load_adapter`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model_files import ModelFilesError, check_safetensors_file
+
+FORMAT = "mmig-mumu-adapter"
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class MUMUAdapterConfig:
+    input_dim: int                # the VLM's hidden size
+    width: int = 1024
+    num_layers: int = 16          # MUMU's adapter depth
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    context_dim: int = 2048       # SDXL cross-attention width
+    pooled_dim: int = 1280        # SDXL pooled text embedding
+    pad_multiple: int = 77        # CLIP's window length
+
+    def __post_init__(self):
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        for name in ("input_dim", "width", "num_layers", "num_heads", "context_dim", "pooled_dim", "pad_multiple"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+def _attention(q, k, v, heads: int, key_mask: torch.Tensor) -> torch.Tensor:
+    """Multi-head attention; key_mask [B, Lk] True where a key may be attended to."""
+    b, lq, width = q.shape
+    split = lambda t: t.view(b, t.shape[1], heads, width // heads).transpose(1, 2)
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=key_mask[:, None, None, :])
+    return out.transpose(1, 2).reshape(b, lq, width)
+
+
+class AdapterBlock(nn.Module):
+    """Pre-norm transformer block with bidirectional attention."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        x = x + self.proj(_attention(q, k, v, self.heads, key_mask))
+        return x + self.mlp(self.norm2(x))
+
+
+class MUMUAdapter(nn.Module):
+    def __init__(self, config: MUMUAdapterConfig):
+        super().__init__()
+        self.config = config
+        w = config.width
+        self.in_norm = nn.LayerNorm(config.input_dim)
+        self.in_proj = nn.Linear(config.input_dim, w)
+        self.pad_token = nn.Parameter(torch.zeros(w))
+        self.blocks = nn.ModuleList(AdapterBlock(w, config.num_heads, config.mlp_ratio)
+                                    for _ in range(config.num_layers))
+        self.out_norm = nn.LayerNorm(w)
+        self.out_proj = nn.Linear(w, config.context_dim)
+        self.pool_query = nn.Parameter(torch.zeros(w))
+        self.pool_kv = nn.Linear(w, 2 * w)
+        self.pool_proj = nn.Linear(w, config.pooled_dim)
+
+    def padded_length(self, tokens: int) -> int:
+        m = self.config.pad_multiple
+        return max(1, math.ceil(tokens / m)) * m
+
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None):
+        """[B, L, input_dim] (+ mask [B, L], True = real token) -> ([B, N, context_dim], [B, pooled_dim])."""
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.config.input_dim:
+            raise ValueError(f"the adapter takes hidden states [batch, tokens, {self.config.input_dim}], got "
+                             f"{tuple(hidden_states.shape)}")
+        b, length, _ = hidden_states.shape
+        dtype = self.in_proj.weight.dtype
+        if mask is None:
+            mask = torch.ones(b, length, dtype=torch.bool, device=hidden_states.device)
+        mask = mask.to(hidden_states.device, torch.bool)
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("every prompt needs at least one token")
+        x = self.in_proj(self.in_norm(hidden_states.to(dtype)))
+        n = self.padded_length(length)
+        pad = self.pad_token.to(x.dtype).expand(b, n, -1).clone()
+        pad[:, :length] = torch.where(mask[..., None], x, pad[:, :length])
+        x = pad
+        key_mask = F.pad(mask, (0, n - length), value=False)  # nothing attends to padding
+        for block in self.blocks:
+            x = block(x, key_mask)
+        x = self.out_norm(x)
+        context = self.out_proj(x)
+        k, v = self.pool_kv(x).chunk(2, dim=-1)
+        query = self.pool_query.to(x.dtype).expand(b, 1, -1)
+        pooled = self.pool_proj(_attention(query, k, v, self.config.num_heads, key_mask)[:, 0])
+        return context, pooled
+
+
+def init_adapter(adapter: MUMUAdapter, seed: int = 0, std: float = 0.02) -> MUMUAdapter:
+    """Deterministic initialisation (the weights of a fresh adapter, before training)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if p.dim() > 1 or name in ("pad_token", "pool_query"):
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+            elif name.endswith("weight"):  # LayerNorm gains
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    return adapter
+
+
+def save_adapter(adapter: MUMUAdapter, path: str | os.PathLike) -> Path:
+    """Write the adapter's weights and config to one safetensors file, atomically."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(asdict(adapter.config))}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MUMUAdapter:
+    """Read an adapter written by `save_adapter`; any problem is a ModelFilesError naming the file."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFilesError(f"MUMU adapter file not found: {path}")
+    metadata = check_safetensors_file(path)
+    if metadata.get("format") != FORMAT:
+        raise ModelFilesError(f"{path} is not a MUMU adapter: its safetensors metadata has format "
+                              f"{metadata.get('format')!r}, expected {FORMAT!r} (files written by the pack's "
+                              f"training or mmig_core.mumu_adapter.save_adapter)")
+    try:
+        raw = json.loads(metadata["config"])
+        known = {f.name for f in fields(MUMUAdapterConfig)}
+        config = MUMUAdapterConfig(**{k: v for k, v in raw.items() if k in known})
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFilesError(f"{path}: the adapter config in the metadata is unreadable ({e})") from None
+    adapter = MUMUAdapter(config)
+    state = load_file(str(path))
+    expected = adapter.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise ModelFilesError(f"{path}: the weights do not match the config in its metadata (missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {wrong[:3]})")
+    adapter.load_state_dict(state)
+    return adapter.to(dtype).eval()

@@ -1,0 +1,304 @@
+"""Multimodal prompt encoder: MUMU conditioning from interleaved text and images, and the multimodal LLM
+that writes descriptions (MMIG Eq. 1) and LLMGA generation prompts."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import folder_paths
+
+from . import _host
+from ..mmig_core import llmga_tags, mm_prompt as prompts, vlm as core
+from ..mmig_core.mm_adapter import FORMAT as MM_ADAPTER_FORMAT
+from ..mmig_core.model_files import ModelFilesError, check_safetensors_file
+from ..mmig_core.mumu_adapter import FORMAT as MUMU_ADAPTER_FORMAT
+
+log = logging.getLogger("ComfyUI-MMIG")
+VLM_EXPECTED = "config.json, the processor files (tokenizer, image processor) and *.safetensors weights"
+ADAPTER_SOURCE = ("MUMU adapters are .safetensors files written by the pack's training (config in the file's "
+                  "metadata); put them in ComfyUI/models/mmig/.")
+MAX_IMAGES = 4
+DTYPES = (["auto", "fp32", "fp16", "bf16"], {
+    "default": "auto", "tooltip": "Weight precision. auto: fp16 where the device runs it well, else fp32 (always fp32 on CPU)."})
+
+
+@dataclass
+class LoadedVLM:
+    """The MMIG_VLM value: the model and the host's memory-managed handle on it."""
+    vlm: core.VLM
+    patcher: object
+    name: str
+
+
+@dataclass
+class LoadedAdapter:
+    """The MMIG_ADAPTER value."""
+    adapter: object
+    patcher: object
+    name: str
+
+
+def adapter_files(file_format: str) -> list[str]:
+    """The .safetensors files in models/mmig/ whose metadata says `file_format` (MUMU adapter or MM-Adapter)."""
+    names = []
+    for name in folder_paths.get_filename_list("mmig"):
+        if name.endswith(".safetensors"):
+            try:  # reads the header only
+                if check_safetensors_file(folder_paths.get_full_path("mmig", name)).get("format") == file_format:
+                    names.append(name)
+            except (ModelFilesError, OSError):
+                continue  # a broken file is reported by the loader that reads it, not here
+    return sorted(names)
+
+
+class MMIG_VLMLoader:
+    DESCRIPTION = ("Loads a vision-language model (Idefics2 family) from a Hugging Face folder in ComfyUI/models/vlm/, "
+                   "under the host's memory manager. For MUMU, drop_perceiver removes Idefics2's perceiver so each "
+                   "image gives one token per patch (1024 at 448 px) instead of 64.")
+    CATEGORY = _host.CATEGORY
+    RETURN_TYPES = ("MMIG_VLM",)
+    RETURN_NAMES = ("vlm",)
+    OUTPUT_TOOLTIPS = ("The loaded vision-language model, for MMIG MUMU Encode and MMIG MLLM Describe.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (_host.list_hf_model_folders("vlm"), {
+                "tooltip": "A folder in ComfyUI/models/vlm/ saved with save_pretrained (config.json, processor files, "
+                           "*.safetensors), e.g. HuggingFaceM4/idefics2-8b."}),
+            "dtype": DTYPES,
+            "drop_perceiver": ("BOOLEAN", {
+                "default": False,
+                "tooltip": "MUMU: replace the perceiver resampler by an identity, so every image patch becomes a "
+                           "token (more detail kept). Turn on for MUMU adapters; keep off to chat or describe."}),
+            "image_resolution": ("INT", {
+                "default": core.MUMU_RESOLUTION, "min": 0, "max": 4096, "step": 1,
+                "tooltip": "Every image is padded to a square with black and resized to this size in px (0: the "
+                           "vision tower's own size; capped at it). 448 gives MUMU's ~1000 tokens per image."}),
+        }, "optional": {
+            "mm_adapter_name": (["none"] + adapter_files(MM_ADAPTER_FORMAT), {
+                "default": "none",
+                "tooltip": "Optional MM-Adapter weights (MMIG Eq. 6) from ComfyUI/models/mmig/, attached to the "
+                           "language model's layers. An untrained MM-Adapter changes nothing."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name, mm_adapter_name="none"):
+        if _host.resolve_model_folder("vlm", model_name) is None:
+            return _host.missing_model_message("vlm", "Vision-language", model_name, VLM_EXPECTED, core.SOURCE_HINT)
+        if mm_adapter_name not in (None, "none") and folder_paths.get_full_path("mmig", mm_adapter_name) is None:
+            return f"MM-Adapter '{mm_adapter_name}' not found in {', '.join(_host.model_search_paths('mmig'))}"
+        return True
+
+    def load(self, model_name, dtype, drop_perceiver, image_resolution, mm_adapter_name="none"):
+        folder = _host.resolve_model_folder("vlm", model_name)
+        if folder is None:
+            raise ModelFilesError(_host.missing_model_message("vlm", "Vision-language", model_name, VLM_EXPECTED,
+                                                              core.SOURCE_HINT))
+        mm_adapter = None if mm_adapter_name in (None, "none") else folder_paths.get_full_path("mmig", mm_adapter_name)
+        vlm = core.load_vlm(folder, dtype=_host.pick_dtype(dtype), drop_perceiver=drop_perceiver,
+                            image_resolution=image_resolution, mm_adapter_path=mm_adapter,
+                            searched=_host.model_search_paths("vlm"))
+        return (LoadedVLM(vlm, _host.managed(vlm.model), model_name),)
+
+
+class MMIG_MultimodalPrompt:
+    DESCRIPTION = ("An interleaved text-and-image prompt (MUMU), e.g. 'a <image1> man and his <image2> dog'. "
+                   "<imageN> places input imageN; bare <image> placeholders take the connected images in order. "
+                   "A mask cuts its object out of the background (background details otherwise leak into the "
+                   "image). Chain nodes through 'previous' to batch several prompts; their order is kept.")
+    CATEGORY = _host.CATEGORY
+    RETURN_TYPES = ("MMIG_MM_PROMPT",)
+    RETURN_NAMES = ("mm_prompt",)
+    OUTPUT_TOOLTIPS = ("The prompt(s), for MMIG MUMU Encode or MMIG MLLM Describe.",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        optional = {}
+        for i in range(1, MAX_IMAGES + 1):
+            optional[f"image{i}"] = ("IMAGE", {"tooltip": f"The image placed at <image{i}> (one image; any size: "
+                                                          f"it is padded to a square and resized)."})
+        for i in range(1, MAX_IMAGES + 1):
+            optional[f"mask{i}"] = ("MASK", {"tooltip": f"Optional: keeps the masked object of image{i} and "
+                                                        f"blackens its background."})
+        optional["previous"] = ("MMIG_MM_PROMPT", {"tooltip": "Prompts that come before this one in the batch."})
+        return {"required": {"text": ("STRING", {
+            "multiline": True, "default": "a <image1> man and his <image2> dog",
+            "tooltip": "The prompt; <image1>...<image4> (or bare <image>) mark where each image goes. "
+                       "Text only is fine too."})},
+            "optional": optional}
+
+    def build(self, text, previous=None, **inputs):
+        images = {i: inputs[f"image{i}"] for i in range(1, MAX_IMAGES + 1) if inputs.get(f"image{i}") is not None}
+        masks = {i: inputs[f"mask{i}"] for i in range(1, MAX_IMAGES + 1) if inputs.get(f"mask{i}") is not None}
+        prompt = prompts.build_prompt(text, images, masks)
+        return (tuple(previous or ()) + (prompt,),)
+
+
+class MMIG_AdapterLoader:
+    DESCRIPTION = ("Loads a MUMU adapter from ComfyUI/models/mmig/: a non-causal transformer from the VLM's hidden "
+                   "states to SDXL's cross-attention context (2048-d tokens and a 1280-d pooled vector).")
+    CATEGORY = _host.CATEGORY
+    RETURN_TYPES = ("MMIG_ADAPTER",)
+    RETURN_NAMES = ("adapter",)
+    OUTPUT_TOOLTIPS = ("The adapter, for MMIG MUMU Encode.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "adapter_name": (adapter_files(MUMU_ADAPTER_FORMAT), {
+                "tooltip": "A MUMU adapter .safetensors in ComfyUI/models/mmig/ (its config is in the file's metadata)."}),
+            "dtype": DTYPES,
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, adapter_name):
+        if folder_paths.get_full_path("mmig", adapter_name) is None:
+            return (f"MUMU adapter '{adapter_name}' not found. Searched: {', '.join(_host.model_search_paths('mmig'))}. "
+                    f"{ADAPTER_SOURCE}")
+        return True
+
+    def load(self, adapter_name, dtype):
+        from ..mmig_core.mumu_adapter import load_adapter
+        path = folder_paths.get_full_path("mmig", adapter_name)
+        if path is None:
+            raise ModelFilesError(f"MUMU adapter '{adapter_name}' not found. {ADAPTER_SOURCE}")
+        adapter = load_adapter(path, dtype=_host.pick_dtype(dtype))
+        return (LoadedAdapter(adapter, _host.managed(adapter), adapter_name),)
+
+
+def sdxl_conditioning(context, pooled, width: int, height: int) -> list:
+    """The host's SDXL CONDITIONING: tokens [B, N, 2048] with pooled [B, 1280] and size conditioning."""
+    return [[context, {"pooled_output": pooled, "width": width, "height": height, "crop_w": 0, "crop_h": 0,
+                       "target_width": width, "target_height": height}]]
+
+
+class MMIG_MUMUEncode:
+    DESCRIPTION = ("MUMU: encodes interleaved text-and-image prompts with the VLM and the adapter into SDXL "
+                   "conditioning, for the host's KSampler with any SDXL model. The token count is a multiple of 77, "
+                   "so it batches with a CLIP Text Encode negative.")
+    CATEGORY = _host.CATEGORY
+    RETURN_TYPES = ("CONDITIONING", "MMIG_LLM_EMBEDS")
+    RETURN_NAMES = ("conditioning", "llm_embeds")
+    OUTPUT_TOOLTIPS = ("SDXL conditioning, one entry per prompt in order.",
+                       "e_llm: the VLM's hidden states of each prompt (for MMSM).")
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        size = {"default": 1024, "min": 64, "max": 8192, "step": 8}
+        return {"required": {
+            "vlm": ("MMIG_VLM", {"tooltip": "From MMIG VLM Loader (drop_perceiver on for MUMU adapters)."}),
+            "adapter": ("MMIG_ADAPTER", {"tooltip": "From MMIG Adapter Loader; its input width must be the VLM's hidden size."}),
+            "mm_prompt": ("MMIG_MM_PROMPT", {"tooltip": "From MMIG Multimodal Prompt."}),
+            "width": ("INT", {**size, "tooltip": "SDXL size conditioning: the width of the image to generate."}),
+            "height": ("INT", {**size, "tooltip": "SDXL size conditioning: the height of the image to generate."}),
+        }}
+
+    def encode(self, vlm, adapter, mm_prompt, width, height):
+        import torch
+        config = adapter.adapter.config
+        if config.input_dim != vlm.vlm.hidden_size:
+            raise ValueError(f"the adapter '{adapter.name}' takes hidden states of width {config.input_dim}, but the "
+                             f"VLM '{vlm.name}' has hidden size {vlm.vlm.hidden_size}: load the adapter trained for "
+                             f"this VLM")
+        if not vlm.vlm.perceiver_dropped and getattr(vlm.vlm.model.config, "perceiver_config", None) is not None:
+            log.warning("MMIG MUMU Encode: the VLM keeps its perceiver (%d tokens per image); MUMU adapters are "
+                        "trained without it (turn drop_perceiver on in MMIG VLM Loader)", vlm.vlm.tokens_per_image)
+        _host.load_to_device(vlm.patcher, adapter.patcher)
+        progress = _host.progress_bar(len(mm_prompt) + 1)
+        embeds = core.encode_prompts(vlm.vlm, list(mm_prompt), on_prompt_done=lambda _i: progress.update(1),
+                                     check_interrupt=_host.throw_if_interrupted)
+        _host.throw_if_interrupted()
+        device = next(adapter.adapter.parameters()).device
+        with torch.no_grad():
+            context, pooled = adapter.adapter(embeds.hidden_states.to(device), embeds.attention_mask.to(device))
+        progress.update(1)
+        return (sdxl_conditioning(context.float().cpu(), pooled.float().cpu(), width, height), embeds)
+
+
+class MMIG_MLLMDescribe:
+    DESCRIPTION = ("The multimodal LLM answers an image + instruction (MMIG Eq. 1: z_d = f_mllm(x, w)). In LLMGA mode "
+                   "it is asked for a detailed generation prompt between <gen_image> tags (or <gen_img>), which is "
+                   "extracted. Long descriptions are fine: CLIP Text Encode encodes them in 77-token chunks.")
+    CATEGORY = _host.CATEGORY
+    RETURN_TYPES = ("STRING", "STRING", "MMIG_LLM_EMBEDS")
+    RETURN_NAMES = ("description", "response", "llm_embeds")
+    OUTPUT_TOOLTIPS = ("z_d: the description (in LLMGA mode, the prompt between the tags).",
+                       "The model's full response.",
+                       "e_llm: the language model's hidden states over the response (for MMSM).")
+    OUTPUT_NODE = True
+    FUNCTION = "describe"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vlm": ("MMIG_VLM", {"tooltip": "From MMIG VLM Loader (drop_perceiver off for a stock Idefics2)."}),
+                "mm_prompt": ("MMIG_MM_PROMPT", {"tooltip": "One prompt: the image(s) and the instruction, e.g. "
+                                                            "'<image1> make it winter'."}),
+                "mode": (["describe", "llmga prompt"], {
+                    "default": "describe",
+                    "tooltip": "describe: the response is the description. llmga prompt: ask for a generation prompt "
+                               "between <gen_image>...</gen_image> (or <gen_img>) tags and extract it."}),
+                "when_tags_missing": (["use whole response", "error"], {
+                    "default": "use whole response",
+                    "tooltip": "LLMGA mode, when the response has no complete tag pair: use the whole response "
+                               "(with a warning) or stop with an error."}),
+                "max_new_tokens": ("INT", {"default": 200, "min": 1, "max": 2048,
+                                           "tooltip": "The longest response, in tokens (greedy decoding)."}),
+            },
+            "optional": {
+                "history": ("STRING", {"multiline": True, "default": "",
+                                       "tooltip": "Earlier turns of the conversation, one per line starting with "
+                                                  "'User:' or 'Assistant:'."}),
+                "filename_prefix": ("STRING", {"default": "",
+                                               "tooltip": "If set, the description is saved to the output folder as "
+                                                          "<prefix>_00001_.txt (subfolders allowed)."}),
+            },
+        }
+
+    def describe(self, vlm, mm_prompt, mode, when_tags_missing, max_new_tokens, history="", filename_prefix=""):
+        if len(mm_prompt) != 1:
+            raise ValueError(f"MMIG MLLM Describe takes one prompt, got a batch of {len(mm_prompt)}: connect a single "
+                             f"MMIG Multimodal Prompt (without 'previous')")
+        llmga = mode == "llmga prompt"
+        _host.load_to_device(vlm.patcher)
+        _host.throw_if_interrupted()
+        progress = _host.progress_bar(1)
+        response, embeds = core.describe(vlm.vlm, mm_prompt[0], history=history, max_new_tokens=max_new_tokens,
+                                         suffix=llmga_tags.GENERATION_REQUEST if llmga else "")
+        progress.update(1)
+        description = response
+        if llmga:
+            description = llmga_tags.extract_generation_prompt(response)
+            if not description:
+                if when_tags_missing == "error":
+                    raise ValueError("the response has no generation prompt between <gen_image>...</gen_image> (or "
+                                     f"<gen_img>) tags: {response[:200]!r}. Use an LLMGA-trained model, raise "
+                                     "max_new_tokens, or set when_tags_missing to 'use whole response'")
+                log.warning("MMIG MLLM Describe: no <gen_image> tags in the response; using the whole response")
+                description = llmga_tags.strip_tags(response)
+        ui = {"text": [description]}
+        if filename_prefix:
+            ui["description_files"] = [_host.save_text_file(description, filename_prefix)]
+        return {"ui": ui, "result": (description, response, embeds)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "MMIG_VLMLoader": MMIG_VLMLoader,
+    "MMIG_MultimodalPrompt": MMIG_MultimodalPrompt,
+    "MMIG_AdapterLoader": MMIG_AdapterLoader,
+    "MMIG_MUMUEncode": MMIG_MUMUEncode,
+    "MMIG_MLLMDescribe": MMIG_MLLMDescribe,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "MMIG_VLMLoader": "MMIG VLM Loader",
+    "MMIG_MultimodalPrompt": "MMIG Multimodal Prompt",
+    "MMIG_AdapterLoader": "MMIG Adapter Loader",
+    "MMIG_MUMUEncode": "MMIG MUMU Encode",
+    "MMIG_MLLMDescribe": "MMIG MLLM Describe",
+}

@@ -1,0 +1,106 @@
+"""The DEM nodes (A-STAR guidance, layered embeddings) inside a real ComfyUI server, on the tiny SDXL."""
+import pytest
+
+from devtools.tiny_models import TINY_SDXL
+
+pytestmark = pytest.mark.host
+CKPT = TINY_SDXL.split("/")[-1]
+PROMPT = "a photo of a cat and a dog"
+NODES = ("MMIG_AStarGuidance", "MMIG_LayeredEmbeddings")
+
+
+def base_graph():
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    }
+
+
+def astar_node(concepts="cat, dog", **extra):
+    return {"class_type": "MMIG_AStarGuidance",
+            "inputs": {"model": ["1", 0], "clip": ["1", 1], "prompt": PROMPT, "concepts": concepts,
+                       "guided_steps": 2, "scale_factor": 20.0, "threshold": 0.5, **extra}}
+
+
+def saved(graph, samples, node_id, prefix):
+    graph[f"{node_id}d"] = {"class_type": "VAEDecode", "inputs": {"samples": samples, "vae": ["1", 2]}}
+    graph[f"{node_id}s"] = {"class_type": "SaveImage",
+                            "inputs": {"filename_prefix": prefix, "images": [f"{node_id}d", 0]}}
+
+
+def guided_graph(concepts="cat, dog", **extra):
+    graph = base_graph()
+    graph["5"] = astar_node(concepts, **extra)
+    graph["6"] = {"class_type": "KSampler",
+                  "inputs": {"seed": 1, "steps": 3, "cfg": 5.0, "sampler_name": "euler_ancestral",
+                             "scheduler": "normal", "denoise": 1.0, "model": ["5", 0], "positive": ["2", 0],
+                             "negative": ["3", 0], "latent_image": ["4", 0]}}
+    saved(graph, ["6", 0], "6", "dem/ksampler")
+    return graph
+
+
+def layered_graph(mask_size=(64, 64)):
+    graph = base_graph()
+    graph["5"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": mask_size[0], "height": mask_size[1]}}
+    graph["7"] = {"class_type": "MMIG_LayeredEmbeddings",
+                  "inputs": {"model": ["1", 0], "latent": ["4", 0], "mask": ["5", 0], "foreground": ["2", 0],
+                             "background": ["3", 0], "steps": 2, "learning_rate": 0.01, "alpha": 0.7, "seed": 0}}
+    graph["8"] = {"class_type": "KSampler",
+                  "inputs": {"seed": 1, "steps": 2, "cfg": 5.0, "sampler_name": "ddim", "scheduler": "normal",
+                             "denoise": 1.0, "model": ["1", 0], "positive": ["7", 0], "negative": ["3", 0],
+                             "latent_image": ["4", 0]}}
+    saved(graph, ["8", 0], "8", "dem/layered")
+    return graph
+
+
+def test_nodes_are_listed_with_tooltips(host):
+    info = host.object_info()
+    for node in NODES:
+        assert info[node]["category"] == "MMIG" and info[node]["description"]
+        for section in info[node]["input"].values():
+            for name, spec in section.items():
+                assert spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
+    assert info["MMIG_AStarGuidance"]["output"] == ["MODEL"]
+    assert info["MMIG_LayeredEmbeddings"]["output"] == ["CONDITIONING"] * 3
+
+
+def test_guided_model_samples_through_ksampler_and_sampler_custom(host):
+    graph = guided_graph()
+    graph["20"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "dpmpp_2m"}}
+    graph["21"] = {"class_type": "BasicScheduler",
+                   "inputs": {"model": ["5", 0], "scheduler": "normal", "steps": 3, "denoise": 1.0}}
+    graph["22"] = {"class_type": "SamplerCustom",
+                   "inputs": {"model": ["5", 0], "add_noise": True, "noise_seed": 1, "cfg": 5.0,
+                              "positive": ["2", 0], "negative": ["3", 0], "sampler": ["20", 0],
+                              "sigmas": ["21", 0], "latent_image": ["4", 0]}}
+    saved(graph, ["22", 0], "22", "dem/custom")
+    result = host.run_graph(graph).check()
+    files = host.output_files(result)
+    assert len(files) == 2 and all(f.stat().st_size > 0 for f in files)
+
+
+def test_layered_embeddings_feed_a_sampler(host):
+    result = host.run_graph(layered_graph()).check()
+    assert [f.stat().st_size > 0 for f in host.output_files(result)] == [True]
+
+
+def test_a_concept_not_in_the_prompt_lists_the_tokens_and_the_host_keeps_serving(host):
+    result = host.run_graph(guided_graph("cat, horse"))
+    assert not result.ok
+    assert "'horse' is not in the prompt" in result.error and "5:cat" in result.error and "8:dog" in result.error
+    bad_indices = host.run_graph(guided_graph(token_indices="0,5"))
+    assert not bad_indices.ok and "token_indices [0]" in bad_indices.error
+    host.run_graph(guided_graph()).check()
+
+
+def test_one_concept_runs_with_a_warning(host):
+    host.run_graph(guided_graph("cat")).check()
+    assert "fewer than two concepts" in host.log()
+
+
+def test_a_mask_of_another_shape_is_refused_and_the_host_keeps_serving(host):
+    result = host.run_graph(layered_graph((64, 32)))
+    assert not result.ok and "64x32 px but the latent is 8x8" in result.error
+    host.run_graph(layered_graph((48, 48))).check()  # the same aspect ratio at another size is resized

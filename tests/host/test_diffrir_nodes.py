@@ -1,0 +1,110 @@
+"""The DiffRIR nodes inside a real ComfyUI server: listing, restoration, and every bad input of the issue."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from devtools.tiny_models import TINY_DIFFRIR
+
+pytestmark = pytest.mark.host
+TINY_NAME = TINY_DIFFRIR.split("/")[-1]
+GENERATED_COLOR, REFERENCE_COLOR = 0x3366CC, 0xCC8844
+
+
+def restore_graph(model_name=TINY_NAME, *, width=97, height=61, batch=1, mask_value=1.0, mask_size=None,
+                  reference_size=None, reference_batch=1, channels=3, seed=0):
+    ref_w, ref_h = reference_size or (width, height)
+    mask_w, mask_h = mask_size or (width, height)
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": width, "height": height, "batch_size": batch,
+                                                      "color": GENERATED_COLOR}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": ref_w, "height": ref_h, "batch_size": reference_batch,
+                                                      "color": REFERENCE_COLOR}},
+        "3": {"class_type": "SolidMask", "inputs": {"value": mask_value, "width": mask_w, "height": mask_h}},
+        "4": {"class_type": "MMIG_DiffRIRLoader", "inputs": {"model_name": model_name, "dtype": "auto"}},
+        "5": {"class_type": "MMIG_DiffRIRRestore",
+              "inputs": {"diffrir": ["4", 0], "image": ["1", 0], "reference": ["2", 0], "mask": ["3", 0],
+                         "paste_back": True, "tile_size": 64, "tile_overlap": 16, "seed": seed}},
+        "6": {"class_type": "SaveImage", "inputs": {"filename_prefix": "diffrir/test", "images": ["5", 0]}},
+    }
+    if channels != 3:
+        graph["7"] = {"class_type": "MMIGTest_ImageChannels", "inputs": {"image": ["1", 0], "channels": channels}}
+        graph["5"]["inputs"]["image"] = ["7", 0]
+    return graph
+
+
+def saved_images(host, result):
+    return [np.asarray(Image.open(path).convert("RGB")) for path in host.output_files(result)]
+
+
+def test_nodes_are_listed_with_tooltips(host):
+    info = host.object_info()
+    for node in ("MMIG_DiffRIRLoader", "MMIG_DiffRIRRestore"):
+        assert node in info, f"{node} missing from /object_info"
+        assert info[node]["category"] == "MMIG" and info[node]["description"]
+        for section in info[node]["input"].values():
+            for name, spec in section.items():
+                assert spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
+    assert TINY_NAME in info["MMIG_DiffRIRLoader"]["input"]["required"]["model_name"][0]
+
+
+def test_restores_a_batch_at_an_odd_size(host):
+    result = host.run_graph(restore_graph(batch=3, seed=1)).check()
+    images = saved_images(host, result)
+    assert len(images) == 3 and all(image.shape == (61, 97, 3) for image in images)
+    generated = np.array([(GENERATED_COLOR >> 16) & 255, (GENERATED_COLOR >> 8) & 255, GENERATED_COLOR & 255])
+    assert all(np.abs(image.astype(int) - generated).mean() < 60 for image in images)  # restored, not replaced
+
+
+def test_all_zero_mask_gives_back_the_reference(host):
+    result = host.run_graph(restore_graph(mask_value=0.0, seed=2)).check()
+    [image] = saved_images(host, result)
+    reference = [(REFERENCE_COLOR >> 16) & 255, (REFERENCE_COLOR >> 8) & 255, REFERENCE_COLOR & 255]
+    assert (image == np.array(reference, dtype=np.uint8)).all()
+
+
+def test_grey_images_are_converted(host):
+    result = host.run_graph(restore_graph(channels=1, seed=3)).check()
+    [image] = saved_images(host, result)
+    assert image.shape == (61, 97, 3)
+
+
+@pytest.mark.parametrize("graph_args, message, fresh_seed", [
+    ({"mask_size": (97, 60)}, "mask is 97x60 but the generated image is 97x61", 10),
+    ({"reference_size": (96, 61)}, "reference image is 96x61 but the generated image is 97x61", 11),
+    ({"batch": 3, "reference_batch": 2}, "reference image batch has 2 entries but the generated batch has 3", 12),
+    ({"channels": 2}, "has 2 channels; DiffRIR restores RGB images", 13),
+])
+def test_bad_inputs_are_clear_errors_and_the_host_keeps_serving(host, graph_args, message, fresh_seed):
+    result = host.run_graph(restore_graph(**graph_args))
+    assert not result.ok and message in result.error, result.error
+    ok = host.run_graph(restore_graph(seed=fresh_seed)).check()  # a new seed: the host cannot answer from cache
+    assert len(saved_images(host, ok)) == 1
+
+
+def test_unknown_model_says_where_to_put_it(host):
+    result = host.run_graph(restore_graph("DiffRIR.pth"))
+    assert not result.ok and "DiffRIR.pth" in result.error and "models/diffrir" in result.error.replace("\\", "/")
+
+
+def test_weights_for_another_config_name_the_keys(host, tiny_models):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from mmig_core.diffrir import DiffRIRConfig
+    with safe_open(str(tiny_models / TINY_DIFFRIR), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = dict(f.metadata())
+    config = json.loads(metadata["mmig.diffrir.config"])
+    metadata["mmig.diffrir.config"] = dataclasses.replace(DiffRIRConfig.from_json(json.dumps(config)),
+                                                          dim=16).to_json()
+    target = host.scratch_models / "diffrir" / "other-config.safetensors"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(target), metadata=metadata)
+    result = host.run_graph(restore_graph("other-config.safetensors"))
+    assert not result.ok and "does not fit its DiffRIR config" in result.error
+    assert "restorer.decoder1.0.attn.qkv.weight (file [48, 16, 1, 1], config [96, 32, 1, 1])" in result.error
+    ok = host.run_graph(restore_graph(seed=99)).check()
+    assert len(saved_images(host, ok)) == 1

@@ -1,0 +1,139 @@
+"""A-STAR guidance and layered embeddings on the tiny SDXL, inside the real host's code run in-process:
+its checkpoint loader, its ModelPatcher and its samplers (comfy.sample.sample, as KSampler calls it)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from devtools import tiny_sdxl  # noqa: E402
+from devtools.tiny_models import TINY_SDXL  # noqa: E402
+from mmig_core import layered_embeddings as layered  # noqa: E402
+from mmig_core.astar_guidance import AStarSettings, concepts_from_clip, guided_model  # noqa: E402
+
+SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "ddim"]
+LATENT = (1, 4, 8, 8)  # 64x64 px: the quarter-side layers are 2x2
+PROMPT = "a photo of a cat and a dog"
+# The tiny SDXL's cross-attention sits at levels 1 and 2; level 2 (a quarter of the latent's side,
+# SDXL's 32x32 at 1024 px) holds input blocks 7-8, the middle block and output blocks 0-2.
+QUARTER_SIDE_BLOCKS = {("input", 7), ("input", 8), ("middle", 0), ("output", 0), ("output", 1), ("output", 2)}
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_models):
+    try:
+        tiny_sdxl.import_host()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    import comfy.sd
+    import devtools.tiny_host_support  # noqa: F401  (teaches the host the tiny SDXL)
+
+    with torch.inference_mode():
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+            str(tiny_models / TINY_SDXL), output_vae=True, output_clip=True, embedding_directory=None)
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(PROMPT), return_pooled=True)
+        neg, neg_pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
+    conditioning = ([[cond, {"pooled_output": pooled}]], [[neg, {"pooled_output": neg_pooled}]])
+    return model, clip, conditioning
+
+
+def _sample(model, conditioning, sampler="euler", steps=3):
+    import comfy.sample
+
+    positive, negative = conditioning
+    latent = torch.zeros(LATENT)
+    with torch.inference_mode():
+        noise = comfy.sample.prepare_noise(latent, seed=0)
+        return comfy.sample.sample(model, noise, steps, 5.0, sampler, "normal", positive, negative, latent,
+                                   seed=0, disable_pbar=True)
+
+
+def _settings(clip, concepts="cat, dog", **kwargs):
+    positions, words = concepts_from_clip(clip, PROMPT, concepts, "")
+    return AStarSettings(positions, words, **kwargs)
+
+
+def test_concept_words_resolve_through_the_clip(loaded):
+    _, clip, _ = loaded
+    positions, words = concepts_from_clip(clip, PROMPT, "cat, dog", "")
+    assert positions == [[5], [8]] and words == list(range(1, 9))  # "a photo of a cat and a dog"
+    assert concepts_from_clip(clip, PROMPT, "", "5, 8") == (positions, words)
+    with pytest.raises(ValueError, match="'horse' is not in the prompt.*5:cat"):
+        concepts_from_clip(clip, PROMPT, "cat, horse", "")
+    with pytest.raises(ValueError, match="No concept given"):
+        concepts_from_clip(clip, PROMPT, " , ", "")
+
+
+def test_capture_fires_on_the_quarter_side_layers_only(loaded):
+    model, clip, conditioning = loaded
+    guided, guidance = guided_model(model, _settings(clip, guided_steps=2))
+    _sample(guided, conditioning, steps=3)
+    # two guided steps, cond and uncond in one batched call each: one capture per layer per step
+    assert guidance.capture_calls == {block: 2 for block in QUARTER_SIDE_BLOCKS}
+    [records] = guidance.all_records()
+    assert [(r.step, r.updated) for r in records] == [(0, True), (1, True)]
+    assert records[0].retention is None and records[1].retention is not None
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_guidance_moves_the_latent_with_each_sampler(loaded, sampler):
+    model, clip, conditioning = loaded
+    plain = _sample(model, conditioning, sampler, steps=2)
+    guided, guidance = guided_model(model, _settings(clip, guided_steps=2, scale_factor=200.0))
+    result = _sample(guided, conditioning, sampler, steps=2)
+    assert torch.isfinite(result).all()
+    assert (result - plain).abs().max() > 1e-4
+    assert [r.updated for r in guidance.all_records()[-1]] == [True, True]
+
+
+def test_the_given_model_is_not_changed(loaded):
+    model, clip, conditioning = loaded
+    options_before = repr(model.model_options)
+    before = _sample(model, conditioning)
+    guided, _ = guided_model(model, _settings(clip))
+    _sample(guided, conditioning)
+    assert repr(model.model_options) == options_before and model.object_patches == {}
+    assert torch.equal(_sample(model, conditioning), before)
+
+
+def test_a_nan_step_is_skipped_and_never_written(loaded):
+    model, clip, conditioning = loaded
+    guided, guidance = guided_model(model, _settings(clip, guided_steps=2, scale_factor=float("inf")))
+    result = _sample(guided, conditioning)
+    assert torch.isfinite(result).all()
+    assert not any(r.updated for r in guidance.all_records()[-1])
+    assert any("NaN/Inf" in w for w in guidance.warnings)
+
+
+def test_one_concept_skips_segregation_with_a_warning(loaded):
+    model, clip, conditioning = loaded
+    guided, guidance = guided_model(model, _settings(clip, "cat", guided_steps=2))
+    assert torch.isfinite(_sample(guided, conditioning)).all()
+    assert any("fewer than two concepts" in w for w in guidance.warnings)
+    assert [r.segregation for r in guidance.all_records()[-1]] == [0.0, 0.0]
+
+
+def test_layered_embeddings_lower_the_masked_loss(loaded):
+    model, clip, conditioning = loaded
+    import comfy.model_management
+
+    with torch.inference_mode():
+        fg, fg_pooled = clip.encode_from_tokens(clip.tokenize("a red cat"), return_pooled=True)
+        bg, bg_pooled = clip.encode_from_tokens(clip.tokenize("a green meadow"), return_pooled=True)
+        comfy.model_management.load_models_gpu([model])
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.randn(LATENT, generator=gen)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 16:48] = 1.0
+    result, extra = layered.optimise_for_model(
+        model.model, torch.device("cpu"), latent, layered.latent_mask(mask, latent.shape),
+        (fg, {"pooled_output": fg_pooled}), (bg, {"pooled_output": bg_pooled}),
+        steps=8, learning_rate=0.05, alpha=0.7, seed=0)
+    assert result.probe_after < result.probe_before
+    assert torch.equal(result.e_opt, 0.7 * result.e_a + 0.3 * result.e_b)
+    assert torch.allclose(extra["pooled_output"], 0.7 * fg_pooled + 0.3 * bg_pooled)
+    assert not torch.equal(result.e_a, fg) and result.e_a.shape == fg.shape
