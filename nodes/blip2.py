@@ -81,7 +81,7 @@ class MMIG_BLIP2Caption:
                 "sampling": ("BOOLEAN", {"default": False,
                                          "tooltip": "Sample tokens instead of searching: more varied captions, "
                                                     "repeatable for a given seed."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                                  "tooltip": "Seed for sampling."}),
             },
             "optional": {
