@@ -15,6 +15,8 @@ SHIPPED_NODE_IDS = [
     "MMIG_AdapterLoader",
     "MMIG_MUMUEncode",
     "MMIG_MLLMDescribe",
+    "MMIG_LoRAMerge",
+    "MMIG_MUMULoader",
 ]
 
 

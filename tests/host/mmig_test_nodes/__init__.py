@@ -59,3 +59,29 @@ class MMIGTest_ConditioningInfo:
 
 
 NODE_CLASS_MAPPINGS["MMIGTest_ConditioningInfo"] = MMIGTest_ConditioningInfo
+
+
+class MMIGTest_WeightValues:
+    """Reports a MODEL's weights as sampling sees them (its patches applied), for named keys."""
+    CATEGORY = "MMIG/testing"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "report"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "keys": ("STRING", {"default": ""})}}
+
+    def report(self, model, keys):
+        # Load it as sampling does: the host unpatches any clone sharing the weights, then patches this one.
+        import comfy.model_management
+        comfy.model_management.load_models_gpu([model])
+        state = model.model_state_dict()
+        values = {}
+        for key in filter(None, (k.strip() for k in keys.split(","))):
+            weight = state[key].detach().float().cpu()
+            values[key] = {"shape": list(weight.shape), "values": weight.flatten().tolist()}
+        return {"ui": {"weights": [values], "patched_keys": [len(model.patches)]}}
+
+
+NODE_CLASS_MAPPINGS["MMIGTest_WeightValues"] = MMIGTest_WeightValues
