@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from bench.common import median
+from bench._common import median
 
 REPEATS = 3
 

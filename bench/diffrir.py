@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from bench.common import median, write_result
+from bench._common import median, write_result
 
 REPEATS = 3
 SIZE_1X, SIZE_4X, TILE, OVERLAP = 448, 896, 256, 32

@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from bench.common import median, write_result  # noqa: E402
+from bench._common import median, write_result  # noqa: E402
 
 REPEATS = 5
 # Idefics2-8B / 8: vision 1152 x 27 layers, text 4096 x 32 layers (Mistral-7B), perceiver 64 latents.

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from bench.common import median, write_result
+from bench._common import median, write_result
 
 REPEATS = 3
 STEPS, GUIDED = 20, 10

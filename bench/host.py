@@ -7,7 +7,7 @@ when none of its nodes are in the graph).
 from devtools.host import HostServer
 from devtools.tiny_models import TINY_SDXL, ensure_tiny_models
 
-from bench.common import median, write_result
+from bench._common import median, write_result
 
 REPEATS = 7
 

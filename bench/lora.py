@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import median, write_result
+from bench._common import median, write_result
 
 REPEATS = 5
 MEMORY_REPEATS = 3

@@ -16,6 +16,9 @@ from devtools.host import HostServer
 from devtools.workflows import TINY_PREFIX, api_path, combo_options, validate_api
 
 
+NO_MODEL = ("none", "")  # an optional model picker left empty: nothing to swap
+
+
 def swap_to_tiny(api: dict, object_info: dict) -> list[str]:
     """Point every model picker at the tiny model the host lists for it; returns what was swapped."""
     swapped = []
@@ -27,7 +30,7 @@ def swap_to_tiny(api: dict, object_info: dict) -> list[str]:
             if options is None or isinstance(value, list):
                 continue
             tiny = [o for o in options if str(o).startswith(TINY_PREFIX)]
-            if tiny and value not in tiny:
+            if tiny and value not in tiny and value not in NO_MODEL:
                 node["inputs"][name] = tiny[0]
                 swapped.append(f"node {node_id} {node['class_type']}.{name}: {value} -> {tiny[0]}")
     return swapped
@@ -42,7 +45,7 @@ def missing_models(api: dict, object_info: dict) -> list[str]:
         for name, value in node["inputs"].items():
             options = combo_options(specs.get(name))
             if options is not None and any(str(o).startswith(TINY_PREFIX) for o in options) \
-                    and value not in options:
+                    and value not in options and value not in NO_MODEL:
                 missing.append(f"{value} ({node['class_type']}.{name})")
     return missing
 

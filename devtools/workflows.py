@@ -88,6 +88,16 @@ def _widget_layout(info: dict) -> list[tuple[str, object, dict, int]]:
     return [(n, k, o, _control_widgets(n, k, o)) for n, k, o in _inputs(info) if _is_widget(k, o)]
 
 
+def _widgets_covered(layout: list, value_count: int) -> int:
+    """How many widgets of `layout` a list of `value_count` saved values fills completely."""
+    used = 0
+    for index, (*_, control) in enumerate(layout):
+        used += 1 + control
+        if used > value_count:
+            return index
+    return len(layout)
+
+
 def api_to_ui(api: dict, object_info: dict) -> dict:
     """The UI-format graph of an API-format graph, laid out left to right by dependency depth."""
     depth: dict[str, int] = {}
@@ -224,14 +234,22 @@ def validate_ui(ui: dict, object_info: dict) -> list[str]:
         values = list(node.get("widgets_values", []))
         layout = _widget_layout(info)
         expected = len(layout) + sum(control for *_, control in layout)
-        if len(values) != expected:
+        optional = set(info["input"].get("optional", {}))
+        # A workflow saved before a node gained optional inputs (always added last) has fewer values;
+        # the frontend gives the missing trailing widgets their defaults.
+        saved_before_optional = len(values) < expected and all(
+            name in optional for name, *_ in layout[_widgets_covered(layout, len(values)):])
+        if len(values) != expected and not saved_before_optional:
             problems.append(f"{where}: {len(values)} widget values, the node has {expected} widgets")
             continue
         for name, kind, options, control in layout:
+            if not values:
+                break
             problems += _check_value(where, name, kind, options, values.pop(0))
-            if control and values.pop(0) not in ("fixed", "increment", "decrement", "randomize", "increment-wrap"):
+            if control and values and values.pop(0) not in ("fixed", "increment", "decrement", "randomize",
+                                                            "increment-wrap"):
                 problems.append(f"{where}: {name}: bad control_after_generate value")
-            if control > 1 and not isinstance(values.pop(0), str):
+            if control > 1 and values and not isinstance(values.pop(0), str):
                 problems.append(f"{where}: {name}: bad control_filter_list value")
     return problems
 

@@ -81,17 +81,27 @@ class MMIG_VLMLoader:
                 "default": "none",
                 "tooltip": "Optional MM-Adapter weights (MMIG Eq. 6) from ComfyUI/models/mmig/, attached to the "
                            "language model's layers. An untrained MM-Adapter changes nothing."}),
+            "lora_name": (["none"] + folder_paths.get_filename_list("loras"), {
+                "default": "none",
+                "tooltip": "Optional LoRA for the VLM from ComfyUI/models/loras/ (peft `base_model.model.…`, "
+                           "diffusers or kohya keys), e.g. MUMU's rank-8 LoRA on the language model and connector. "
+                           "Applied as a patch on a copy; fails if fewer than 90 % of its modules match."}),
+            "lora_strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05,
+                                        "tooltip": "How strongly the LoRA applies (0: not at all)."}),
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model_name, mm_adapter_name="none"):
+    def VALIDATE_INPUTS(cls, model_name, mm_adapter_name="none", lora_name="none"):
         if _host.resolve_model_folder("vlm", model_name) is None:
             return _host.missing_model_message("vlm", "Vision-language", model_name, VLM_EXPECTED, core.SOURCE_HINT)
         if mm_adapter_name not in (None, "none") and folder_paths.get_full_path("mmig", mm_adapter_name) is None:
             return f"MM-Adapter '{mm_adapter_name}' not found in {', '.join(_host.model_search_paths('mmig'))}"
+        if lora_name not in (None, "none") and folder_paths.get_full_path("loras", lora_name) is None:
+            return f"LoRA '{lora_name}' not found in {', '.join(_host.model_search_paths('loras'))}"
         return True
 
-    def load(self, model_name, dtype, drop_perceiver, image_resolution, mm_adapter_name="none"):
+    def load(self, model_name, dtype, drop_perceiver, image_resolution, mm_adapter_name="none", lora_name="none",
+             lora_strength=1.0):
         folder = _host.resolve_model_folder("vlm", model_name)
         if folder is None:
             raise ModelFilesError(_host.missing_model_message("vlm", "Vision-language", model_name, VLM_EXPECTED,
@@ -100,7 +110,14 @@ class MMIG_VLMLoader:
         vlm = core.load_vlm(folder, dtype=_host.pick_dtype(dtype), drop_perceiver=drop_perceiver,
                             image_resolution=image_resolution, mm_adapter_path=mm_adapter,
                             searched=_host.model_search_paths("vlm"))
-        return (LoadedVLM(vlm, _host.managed(vlm.model), model_name),)
+        loaded = LoadedVLM(vlm, _host.managed(vlm.model), model_name)
+        if lora_name not in (None, "none") and lora_strength != 0:
+            from ..mmig_core.lora import load_lora_file
+            from .lora import merge_vlm_lora  # lora.py imports this module: import it here, not at the top
+            state_dict, _ = load_lora_file(folder_paths.get_full_path("loras", lora_name))
+            loaded, report = merge_vlm_lora(loaded, state_dict, lora_strength, min_matched_fraction=0.9)
+            logging.info("MMIG VLM Loader: LoRA %s\n%s", lora_name, report)
+        return (loaded,)
 
 
 class MMIG_MultimodalPrompt:

@@ -167,3 +167,27 @@ def test_untrained_mm_adapter_is_listed_apart_and_changes_nothing(host):
     with_adapter = mumu_graph(sample=False, color=0x445566)
     with_adapter["4"]["inputs"]["mm_adapter_name"] = "mm-fresh.safetensors"
     assert conditioning_info(host.run_graph(with_adapter).check()) == plain
+
+
+def test_vlm_lora_changes_the_conditioning_and_strength_zero_does_not(host, tiny_models):
+    from devtools.tiny_models import TINY_MUMU_BUNDLE
+    loras = host.scratch_models / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny_models / TINY_MUMU_BUNDLE / "vlm_lora.safetensors", loras / "tiny-vlm-lora.safetensors")
+    assert "tiny-vlm-lora.safetensors" in host.object_info()["MMIG_VLMLoader"]["input"]["optional"]["lora_name"][0]
+
+    def with_lora(strength):
+        graph = mumu_graph(sample=False, color=0x665544)
+        graph["4"]["inputs"].update(lora_name="tiny-vlm-lora.safetensors", lora_strength=strength)
+        return conditioning_info(host.run_graph(graph).check())
+
+    plain = conditioning_info(host.run_graph(mumu_graph(sample=False, color=0x665544)).check())
+    assert with_lora(0.0) == plain
+    assert with_lora(1.0) != plain
+    # A LoRA for another model (the UNet's) matches nothing: a clear error, and the host keeps serving.
+    shutil.copy(tiny_models / TINY_MUMU_BUNDLE / "unet_lora.safetensors", loras / "unet-lora.safetensors")
+    graph = mumu_graph(sample=False, color=0x665544)
+    graph["4"]["inputs"].update(lora_name="unet-lora.safetensors", lora_strength=1.0)
+    result = host.run_graph(graph)
+    assert not result.ok and "match" in result.error
+    assert host.run_graph(mumu_graph(sample=False, color=0x112233)).ok
