@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from .model_files import ModelFilesError, require_hf_folder
+from .model_files import ModelFilesError, from_pretrained_strict, require_hf_folder
 
 SOURCE_HINT = (
     "BLIP-2 weights come from Hugging Face, e.g. Salesforce/blip2-opt-2.7b: "
@@ -35,12 +35,6 @@ class Blip2Captioner:
         return self.model.vision_model.embeddings.patch_embedding.weight.dtype
 
 
-def _dtype_kwarg(dtype: torch.dtype) -> dict:
-    """transformers 5 names the from_pretrained argument `dtype`, 4.x `torch_dtype`."""
-    import transformers
-    return {"dtype": dtype} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": dtype}
-
-
 def load_blip2(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, searched: list[str] | None = None,
                source_hint: str = SOURCE_HINT) -> Blip2Captioner:
     """Load a BLIP-2 model and processor from a local folder; any failure is a ModelFilesError.
@@ -51,13 +45,7 @@ def load_blip2(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, se
     path = require_hf_folder(folder, kind="BLIP-2", searched=searched, source_hint=source_hint)
     try:
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
-        model, info = Blip2ForConditionalGeneration.from_pretrained(
-            path, local_files_only=True, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
-            **_dtype_kwarg(dtype))
-        if info.get("missing_keys"):  # transformers would fill them with random values and only warn
-            missing = sorted(info["missing_keys"])
-            raise ValueError(f"the safetensors weights lack {len(missing)} tensors of config.json's model "
-                             f"(e.g. {', '.join(missing[:3])}); the files may be from another model or incomplete")
+        model = from_pretrained_strict(Blip2ForConditionalGeneration, path, dtype)
         processor = Blip2Processor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - every cause becomes an error naming the folder
         raise ModelFilesError(f"Could not load the BLIP-2 model in {path}: {type(e).__name__}: {e}. "

@@ -59,3 +59,19 @@ def check_safetensors_file(path: str | os.PathLike) -> dict:
             f"{path} is not a valid safetensors file ({e}). The file may be corrupt or incompletely "
             f"downloaded, or be a pickle renamed to .safetensors; download it again.") from None
     return header.get("__metadata__", {}) or {}
+
+
+def from_pretrained_strict(model_class, path: str | os.PathLike, dtype):
+    """`model_class.from_pretrained` from a local folder: safetensors only, no remote code, no hub, and an
+    error (not a warning and random values) when the weights lack tensors of the config's model."""
+    import transformers
+    # transformers 5 names the argument `dtype`, 4.x `torch_dtype`.
+    dtype_kwarg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    model, info = model_class.from_pretrained(
+        path, local_files_only=True, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
+        **{dtype_kwarg: dtype})
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"the safetensors weights lack {len(missing)} tensors of config.json's model "
+                         f"(e.g. {', '.join(missing[:3])}); the files may be from another model or incomplete")
+    return model

@@ -15,9 +15,8 @@ from typing import Any, Callable
 
 import torch
 
-from .blip2 import _dtype_kwarg
 from .mm_prompt import MMPrompt
-from .model_files import ModelFilesError, require_hf_folder
+from .model_files import ModelFilesError, from_pretrained_strict, require_hf_folder
 
 SOURCE_HINT = ("Idefics2 weights come from Hugging Face, e.g. HuggingFaceM4/idefics2-8b: `huggingface-cli download "
                "HuggingFaceM4/idefics2-8b --local-dir ComfyUI/models/vlm/idefics2-8b`.")
@@ -108,13 +107,7 @@ def load_vlm(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
         raise ModelFilesError(f"drop_perceiver needs an Idefics2-family model with a perceiver resampler; the model "
                               f"in {path} is '{config.model_type}'. Turn drop_perceiver off for it.")
     try:
-        model, info = AutoModelForImageTextToText.from_pretrained(
-            path, local_files_only=True, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
-            **_dtype_kwarg(dtype))
-        if info.get("missing_keys"):  # transformers would fill them with random values and only warn
-            missing = sorted(info["missing_keys"])
-            raise ValueError(f"the safetensors weights lack {len(missing)} tensors of config.json's model "
-                             f"(e.g. {', '.join(missing[:3])}); the files may be from another model or incomplete")
+        model = from_pretrained_strict(AutoModelForImageTextToText, path, dtype)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
         raise ModelFilesError(f"Could not load the vision-language model in {path}: {type(e).__name__}: {e}. "
