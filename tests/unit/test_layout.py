@@ -63,3 +63,10 @@ def test_no_unsafe_loading_in_shipped_code():
                 assert "weights_only=True" in call, f"{path}: {call}"
             assert "trust_remote_code=True" not in text, path
             assert not re.search(r"(?<![.\w])(eval|exec)\(|pickle\.loads?\(", text), path
+
+
+def test_pyproject_dependencies_match_requirements():
+    # The registry reads pyproject.toml, ComfyUI users `pip install -r requirements.txt`: keep them one list.
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert sorted(filter(None, listed)) == sorted(meta["project"]["dependencies"])
