@@ -1,10 +1,10 @@
 """Thin ComfyUI adapters, one file per component. Each file exports its own mappings."""
-from . import blip2, encoder, diffrir, dem, lora
+from . import blip2, encoder, diffrir, dem, lora, mmsm
 from ._host import register_model_folders
 
 register_model_folders()
 
-_COMPONENTS = (blip2, encoder, diffrir, dem, lora,)
+_COMPONENTS = (blip2, encoder, diffrir, dem, lora, mmsm,)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

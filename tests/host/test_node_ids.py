@@ -17,6 +17,8 @@ SHIPPED_NODE_IDS = [
     "MMIG_MLLMDescribe",
     "MMIG_LoRAMerge",
     "MMIG_MUMULoader",
+    "MMIG_MMSMLoader",
+    "MMIG_MMSMApply",
 ]
 
 
