@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .model_files import ModelFilesError, check_safetensors_file
+from .model_files import ModelFilesError, check_safetensors_file, save_safetensors_atomic
 
 LDM_PREFIX = "diffusion_model."
 # SDXL's UNet: up levels 0 and 1 (the two deepest) have transformers, so their upsampler sits at index 2.
@@ -344,22 +344,8 @@ def to_kohya_state_dict(state_dict: dict, up_levels_with_attention=SDXL_UP_LEVEL
 
 
 def save_lora_file(state_dict: dict, path, metadata: dict | None = None) -> None:
-    """Writes a LoRA .safetensors atomically (temp file + os.replace)."""
-    import os
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, temp, metadata=metadata)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+    """Writes a LoRA .safetensors atomically."""
+    save_safetensors_atomic(state_dict, path, metadata)
 
 
 def export_kohya(source, target, alpha: float | None = None) -> int:

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .model_files import ModelFilesError, check_safetensors_file
+from .model_files import ModelFilesError, check_safetensors_file, save_safetensors_atomic
 
 FORMAT = "mmig-mm-adapter"
 
@@ -100,19 +99,8 @@ def attach_mm_adapters(layers, adapter_set: MMAdapterSet) -> list:
 
 
 def save_mm_adapters(adapter_set: MMAdapterSet, path: str | os.PathLike) -> Path:
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_set.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": FORMAT, "config": json.dumps(asdict(adapter_set.config))})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    metadata = {"format": FORMAT, "config": json.dumps(asdict(adapter_set.config))}
+    return save_safetensors_atomic(adapter_set.state_dict(), path, metadata)
 
 
 def load_mm_adapters(path: str | os.PathLike) -> MMAdapterSet:

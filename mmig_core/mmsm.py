@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .model_files import ModelFilesError, check_safetensors_file
+from .model_files import ModelFilesError, check_safetensors_file, save_safetensors_atomic
 
 FORMAT = "mmig-mmsm"
 FORMAT_VERSION = "1"
@@ -118,19 +118,10 @@ def init_mmsm(mmsm: MMSM, seed: int = 0, std: float = 0.02, *, decoder_std: floa
 
 
 def save_mmsm(mmsm: MMSM, path: str | os.PathLike) -> Path:
-    """Write the weights and config atomically (temp file + os.replace)."""
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in mmsm.state_dict().items()}
+    """Write the weights and config atomically."""
+    tensors = {k: v.float() for k, v in mmsm.state_dict().items()}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(asdict(mmsm.config))}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_safetensors_atomic(tensors, path, metadata)
 
 
 def is_mmsm_file(path: str | os.PathLike) -> bool:

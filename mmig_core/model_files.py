@@ -75,3 +75,22 @@ def from_pretrained_strict(model_class, path: str | os.PathLike, dtype):
         raise ValueError(f"the safetensors weights lack {len(missing)} tensors of config.json's model "
                          f"(e.g. {', '.join(missing[:3])}); the files may be from another model or incomplete")
     return model
+
+
+def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write tensors (made contiguous, on the CPU) to `path` through a temp file in the same folder and
+    os.replace, so a crash never leaves half a file under the name a loader reads."""
+    import tempfile
+
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temp, metadata=metadata)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model_files import ModelFilesError, check_safetensors_file
+from .model_files import ModelFilesError, check_safetensors_file, save_safetensors_atomic
 
 FORMAT = "mmig-mumu-adapter"
 FORMAT_VERSION = "1"
@@ -141,20 +140,8 @@ def init_adapter(adapter: MUMUAdapter, seed: int = 0, std: float = 0.02) -> MUMU
 
 def save_adapter(adapter: MUMUAdapter, path: str | os.PathLike) -> Path:
     """Write the adapter's weights and config to one safetensors file, atomically."""
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(asdict(adapter.config))}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return save_safetensors_atomic(adapter.state_dict(), path, metadata)
 
 
 def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MUMUAdapter:

@@ -16,12 +16,11 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ..model_files import ModelFilesError, check_safetensors_file
+from ..model_files import ModelFilesError, check_safetensors_file, save_safetensors_atomic
 from .config import DiffRIRConfig
 from .network import DiffRIR
 
@@ -149,19 +148,8 @@ def load_into(model: DiffRIR, state: dict, source: str) -> DiffRIR:
 
 
 def save_diffrir(model: DiffRIR, path: str | os.PathLike) -> Path:
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, temp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, temp, metadata={CONFIG_KEY: model.config.to_json(), FORMAT_KEY: FORMAT})
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    metadata = {CONFIG_KEY: model.config.to_json(), FORMAT_KEY: FORMAT}
+    return save_safetensors_atomic(model.state_dict(), path, metadata)
 
 
 def load_diffrir(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> DiffRIR:
