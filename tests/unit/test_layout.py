@@ -70,3 +70,10 @@ def test_pyproject_dependencies_match_requirements():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     listed = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     assert sorted(filter(None, listed)) == sorted(meta["project"]["dependencies"])
+
+
+def test_training_extra_matches_requirements_training():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    lines = (ROOT / "requirements-training.txt").read_text().splitlines()
+    listed = [line.split("#")[0].strip() for line in lines]
+    assert sorted(filter(None, listed)) == sorted(meta["project"]["optional-dependencies"]["training"])
