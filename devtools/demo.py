@@ -16,7 +16,7 @@ from devtools.run import missing_models, run_workflow
 from devtools.tiny_models import ensure_tiny_models
 from devtools.workflows import api_path
 
-FLAGSHIP = "txt2img_caption"
+FLAGSHIP = "mmig_full"  # MMIG Eqs. 1-5: image + prompt in, edited image + its caption out
 OUT_DIR = REPO_ROOT / "out" / "demo"
 
 

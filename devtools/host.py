@@ -40,6 +40,7 @@ class GraphResult:
     error: str | None = None
     node_errors: dict = field(default_factory=dict)
     seconds: float = 0.0
+    node_seconds: dict = field(default_factory=dict)  # node id -> seconds, from run_graph_timed
 
     @property
     def ok(self) -> bool:
@@ -222,17 +223,7 @@ class HostServer:
         try:
             queued = self.post("/prompt", {"prompt": graph, "client_id": uuid.uuid4().hex})
         except urllib.error.HTTPError as e:
-            body = json.loads(e.read() or b"{}")
-            err = body.get("error", {})
-            message = err.get("message", str(e)) if isinstance(err, dict) else str(err)
-            details = err.get("details", "") if isinstance(err, dict) else ""
-            node_errors = body.get("node_errors", {})
-            text = "; ".join(f"{message}: {details}".strip(": ").split("\n"))
-            for node_id, info in node_errors.items():
-                for e_ in info.get("errors", []):
-                    text += f"\n  node {node_id} ({info.get('class_type')}): {e_.get('message')}: {e_.get('details')}"
-            return GraphResult(None, error=f"the host refused the graph: {text}", node_errors=node_errors,
-                               seconds=time.monotonic() - started)
+            return self._refused(json.loads(e.read() or b"{}"), str(e), time.monotonic() - started)
         prompt_id = queued["prompt_id"]
         deadline = started + timeout
         while time.monotonic() < deadline:
@@ -244,6 +235,69 @@ class HostServer:
                 return self._result(prompt_id, history[prompt_id], time.monotonic() - started)
             time.sleep(0.05)
         return GraphResult(prompt_id, error=f"no result within {timeout:.0f} s", seconds=timeout)
+
+    def run_graph_timed(self, graph: dict, timeout: float = 600) -> GraphResult:
+        """run_graph, and how long each node ran, in `node_seconds` (node id -> seconds).
+
+        The host's /history has no timings, but its websocket sends "executing" with a node id just before
+        that node runs, and with node None when the graph is done; a node's time is the gap between its
+        message and the next one (received here, so a few ms of message latency are included). Cached
+        nodes send nothing and are absent.
+        """
+        import asyncio
+
+        import aiohttp  # a dependency of every ComfyUI host
+
+        client_id = uuid.uuid4().hex
+
+        async def submit_and_listen():
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"ws://127.0.0.1:{self.port}/ws?clientId={client_id}") as ws:
+                    started = time.monotonic()
+                    async with session.post(self.url + "/prompt",
+                                            json={"prompt": graph, "client_id": client_id}) as response:
+                        body = await response.json(content_type=None)
+                        if response.status != 200:
+                            return self._refused(body, f"HTTP {response.status}", time.monotonic() - started)
+                    prompt_id, seconds, current, since = body["prompt_id"], {}, None, 0.0
+                    while True:
+                        message = await ws.receive(timeout=max(1.0, started + timeout - time.monotonic()))
+                        if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                            aiohttp.WSMsgType.ERROR):
+                            return GraphResult(prompt_id, error=f"the host closed the websocket:\n{self.log_tail()}")
+                        if message.type != aiohttp.WSMsgType.TEXT:
+                            continue  # binary previews
+                        event = json.loads(message.data)
+                        data = event.get("data") or {}
+                        if event.get("type") != "executing" or data.get("prompt_id", prompt_id) != prompt_id:
+                            continue
+                        now = time.monotonic()
+                        if current is not None:
+                            seconds[current] = seconds.get(current, 0.0) + now - since
+                        current, since = data.get("node"), now
+                        if current is None:
+                            break
+                    history = self.get(f"/history/{prompt_id}")
+                    result = self._result(prompt_id, history.get(prompt_id, {}), time.monotonic() - started)
+                    result.node_seconds = seconds
+                    return result
+
+        try:
+            return asyncio.run(submit_and_listen())
+        except asyncio.TimeoutError:
+            return GraphResult(None, error=f"no result within {timeout:.0f} s", seconds=timeout)
+
+    @staticmethod
+    def _refused(body: dict, fallback: str, seconds: float) -> GraphResult:
+        err = body.get("error", {})
+        message = err.get("message", fallback) if isinstance(err, dict) else str(err)
+        details = err.get("details", "") if isinstance(err, dict) else ""
+        node_errors = body.get("node_errors", {})
+        text = "; ".join(f"{message}: {details}".strip(": ").split("\n"))
+        for node_id, info in node_errors.items():
+            for e_ in info.get("errors", []):
+                text += f"\n  node {node_id} ({info.get('class_type')}): {e_.get('message')}: {e_.get('details')}"
+        return GraphResult(None, error=f"the host refused the graph: {text}", node_errors=node_errors, seconds=seconds)
 
     @staticmethod
     def _result(prompt_id: str, entry: dict, seconds: float) -> GraphResult:

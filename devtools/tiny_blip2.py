@@ -10,9 +10,10 @@ CLIP normalisation); only the widths inside are tiny.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
+
+from devtools.tiny_builder_cli import run_builder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -159,13 +160,7 @@ def build_tiny_blip2(folder: Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    folder = build_tiny_blip2(args.out_dir, seed=args.seed)
-    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    print(f"tiny BLIP-2 written to {folder} ({size / 1e6:.2f} MB)")
+    run_builder(build_tiny_blip2, "tiny BLIP-2", __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

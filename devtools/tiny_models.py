@@ -22,6 +22,7 @@ TINY_DIFFRIR = "diffrir/mmig-tiny-diffrir.safetensors"
 TINY_LORA = "loras/mmig-tiny-lora.safetensors"
 TINY_MUMU_BUNDLE = "mmig/mmig-tiny-mumu-bundle"
 TINY_MMSM = "mmig/mmig-tiny-mmsm.safetensors"
+TINY_GROUNDING_DINO = "grounding-dino/mmig-tiny-grounding-dino"  # training-only: the dataset bootstrapper
 # Each tiny model: (builder module, run as `python -m MODULE OUT_PATH`; its path under the models folder).
 # Names start with "mmig-tiny" so `make run TINY=1` can tell a tiny model in any model picker.
 TINY_MODELS = [
@@ -32,6 +33,7 @@ TINY_MODELS = [
     ("devtools.tiny_idefics2", TINY_IDEFICS2),
     ("devtools.tiny_mumu_adapter", TINY_MUMU_ADAPTER),
     ("devtools.tiny_mmsm", TINY_MMSM),
+    ("devtools.tiny_grounding_dino", TINY_GROUNDING_DINO),
     ("devtools.tiny_mumu_bundle", TINY_MUMU_BUNDLE),  # last: it reads the SDXL, Idefics2 and adapter
 ]
 _BUILDERS = ["devtools/tiny_models.py", "devtools/tiny_host_support/__init__.py", "mmig_core/diffrir/network.py",

@@ -195,10 +195,15 @@ def _base_model(model):
     return model.model if hasattr(model, "model") else model
 
 
+def trainable_hidden_states(vlm: VLM, inputs: dict) -> torch.Tensor:
+    """`hidden_states` with gradients (MUMU training back-propagates into the VLM's LoRA)."""
+    return _base_model(vlm.model)(**inputs, use_cache=False).last_hidden_state
+
+
 @torch.no_grad()
 def hidden_states(vlm: VLM, inputs: dict) -> torch.Tensor:
     """The language model's last hidden states [1, L, H] for prepared inputs."""
-    return _base_model(vlm.model)(**inputs, use_cache=False).last_hidden_state
+    return trainable_hidden_states(vlm, inputs)
 
 
 def encode_prompts(vlm: VLM, prompts: list[MMPrompt], *, on_prompt_done: Callable[[int], None] | None = None,
@@ -216,8 +221,9 @@ def encode_prompts(vlm: VLM, prompts: list[MMPrompt], *, on_prompt_done: Callabl
 
 def pad_batch(states: list[torch.Tensor]) -> LLMEmbeds:
     longest = max(s.shape[0] for s in states)
-    batch = torch.zeros(len(states), longest, states[0].shape[-1])
-    mask = torch.zeros(len(states), longest, dtype=torch.bool)
+    # on the states' own device and dtype: training pads [L, H] states that carry gradients
+    batch = states[0].new_zeros(len(states), longest, states[0].shape[-1])
+    mask = torch.zeros(len(states), longest, dtype=torch.bool, device=states[0].device)
     for i, s in enumerate(states):
         batch[i, :s.shape[0]] = s
         mask[i, :s.shape[0]] = True

@@ -4,10 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import folder_paths
+import torch
 
 from . import _host
 from .encoder import adapter_files
-from ..mmig_core.mmsm import FORMAT as MMSM_FORMAT
+from ..mmig_core.mmsm import FORMAT as MMSM_FORMAT, OutputBlockPatch
 from ..mmig_core.model_files import ModelFilesError
 
 MMSM_SOURCE = ("MMSM files are .safetensors written by the pack's MMSM training (config in the file's metadata); "
@@ -16,9 +17,25 @@ MMSM_SOURCE = ("MMSM files are .safetensors written by the pack's MMSM training 
 
 @dataclass
 class LoadedMMSM:
-    """The MMIG_MMSM value."""
+    """The MMIG_MMSM value: the module and, for hosts that load extra models with a MODEL, its ModelPatcher."""
     mmsm: object
     name: str
+    patcher: object = None
+
+
+class HostManagedPatch(OutputBlockPatch):
+    """The MMSM output-block patch, moved with the UNet by the host's memory manager.
+
+    When the host loads a MODEL for sampling it calls `.to(device)` and then `.to(unet dtype)` on every
+    patch in its model_options, and `.to(offload device)` when it offloads it (ModelPatcher.model_patches_to,
+    in the 2024-03 host and the newest alike); the MMSM follows. Hosts with ModelPatcher.set_additional_models
+    also load the MMSM's own ModelPatcher with the UNet, so its memory is counted (see MMIG_MMSMApply).
+    """
+
+    def to(self, device_or_dtype):
+        if isinstance(device_or_dtype, (torch.device, torch.dtype, str)):
+            self.mmsm.to(device_or_dtype)
+        return self
 
 
 def mid_block_channels(model) -> int | None:
@@ -57,14 +74,16 @@ class MMIG_MMSMLoader:
         path = folder_paths.get_full_path("mmig", mmsm_name)
         if path is None:
             raise ModelFilesError(f"MMSM '{mmsm_name}' not found. {MMSM_SOURCE}")
-        return (LoadedMMSM(load_mmsm(path), mmsm_name),)
+        mmsm = load_mmsm(path)
+        return (LoadedMMSM(mmsm, mmsm_name, _host.managed(mmsm)),)
 
 
 class MMIG_MMSMApply:
     DESCRIPTION = ("Patches MMSM into a copy of the MODEL at its insertion point (by default output block 0, where "
                    "the UNet's mid-block output enters the decoder): e_6 = e_1 + strength x DomainDecoder(...). "
                    "The positive (cond) batch gets the LLM embedding; the negative (uncond) batch gets a zero "
-                   "embedding, as for an empty prompt. An untrained MMSM changes nothing.")
+                   "embedding, as for an empty prompt. An untrained MMSM changes nothing. The host's memory "
+                   "manager loads and offloads the MMSM together with the UNet, in the UNet's dtype.")
     CATEGORY = _host.CATEGORY
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
@@ -83,15 +102,16 @@ class MMIG_MMSMApply:
         }}
 
     def apply(self, model, mmsm, llm_embeds, strength):
-        from ..mmig_core.mmsm import OutputBlockPatch
         config = mmsm.mmsm.config
         expected = mid_block_channels(model)
         if config.insertion_index == 0 and expected is not None and expected != config.feature_channels:
             raise ValueError(f"the MMSM '{mmsm.name}' was built for a UNet with {config.feature_channels} mid-block "
                              f"channels, but this model has {expected}: use an MMSM trained for this model")
-        patch = OutputBlockPatch(mmsm.mmsm, llm_embeds.hidden_states, llm_embeds.attention_mask, strength)
+        patch = HostManagedPatch(mmsm.mmsm, llm_embeds.hidden_states, llm_embeds.attention_mask, strength)
         patched = model.clone()
         patched.set_model_output_block_patch(patch)
+        if mmsm.patcher is not None and hasattr(patched, "set_additional_models"):  # newer hosts only
+            patched.set_additional_models("mmig_mmsm", [mmsm.patcher])
         return (patched,)
 
 

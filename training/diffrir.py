@@ -11,6 +11,10 @@ border) -> input concat(I_LQ, (1 - M)·GT) (Eq. 7).
   L1(output, GT) + kd_weight · L1(predicted prior, teacher prior).
 The result is written (atomically) as the safetensors file MMIG DiffRIR Loader reads.
 
+This script runs both stages in one process; `python -m training diffrir --config ...` runs the same
+losses (the functions below) on the training engine: one stage per run, torchrun/accelerate, DDP/FSDP,
+checkpoints and --resume (training/recipes/diffrir.py).
+
 Perceptual loss: left out. Its usual weights (VGG-19 on ImageNet) cannot be had offline here, and the
 pack downloads nothing; L1 is the paper's pixel loss.
 """
@@ -59,30 +63,82 @@ class CropSampler:
     def batch(self, size: int) -> torch.Tensor:
         crops = []
         for _ in range(size):
-            image = self.rng.choice(self.images)
+            image = fit_to_crop(self.rng.choice(self.images), self.crop)
             h, w = image.shape[-2:]
-            if min(h, w) < self.crop:
-                s = self.crop / min(h, w)
-                image = F.interpolate(image[None], size=(max(self.crop, round(h * s)), max(self.crop, round(w * s))),
-                                      mode="bicubic", align_corners=False)[0].clamp(0, 1)
-                h, w = image.shape[-2:]
             top, left = self.rng.randint(0, h - self.crop), self.rng.randint(0, w - self.crop)
             crop = image[:, top:top + self.crop, left:left + self.crop]
             crops.append(crop.flip(-1) if self.rng.random() < 0.5 else crop)
         return torch.stack(crops)
 
 
-def load_image_folder(folder: str | Path) -> list[torch.Tensor]:
-    from PIL import Image
-    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+def fit_to_crop(image: torch.Tensor, crop: int) -> torch.Tensor:
+    """Upscale (bicubic) an image whose shorter side is below the crop size; others pass unchanged."""
+    h, w = image.shape[-2:]
+    if min(h, w) >= crop:
+        return image
+    s = crop / min(h, w)
+    return F.interpolate(image[None], size=(max(crop, round(h * s)), max(crop, round(w * s))),
+                         mode="bicubic", align_corners=False)[0].clamp(0, 1)
+
+
+def image_paths(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-    images = []
-    for path in paths:
-        with Image.open(path) as im:
-            data = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
-            images.append(data.view(im.height, im.width, 3).permute(2, 0, 1).float() / 255)
-    return images
+    return paths
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """[3, H, W] float in 0..1."""
+    from PIL import Image
+    with Image.open(path) as im:
+        data = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
+        return data.view(im.height, im.width, 3).permute(2, 0, 1).float() / 255
+
+
+def load_image_folder(folder: str | Path) -> list[torch.Tensor]:
+    return [load_image(path) for path in image_paths(folder)]
+
+
+def training_pair(image: torch.Tensor, crop: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample drawn with its own generator: (input x [6, crop, crop], ground truth [3, crop, crop]).
+    A random crop (flipped half the time) of the image, degraded (Eq. 9) and masked (Eq. 7)."""
+    image = fit_to_crop(image, crop)
+    h, w = image.shape[-2:]
+    top = int(torch.randint(h - crop + 1, (1,), generator=generator))
+    left = int(torch.randint(w - crop + 1, (1,), generator=generator))
+    gt = image[:, top:top + crop, left:left + crop]
+    if float(torch.rand(1, generator=generator)) < 0.5:
+        gt = gt.flip(-1)
+    gt = gt[None]
+    lq = degrade(gt, generator)
+    mask = random_masks(1, crop, crop, generator)
+    return DiffRIR.make_input(lq, gt, mask)[0], gt[0]
+
+
+def make_teacher(config: DiffRIRConfig) -> PriorEncoder:
+    """The stage-one CPEN: it sees the input and the ground truth (the ground-truth prior)."""
+    return PriorEncoder(config.input_channels + config.image_channels, config)
+
+
+def stage1_loss(model: DiffRIR, teacher: PriorEncoder, x: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """The restorer conditioned on the teacher's prior; L1 to the ground truth."""
+    return F.l1_loss(model.restorer(x, teacher(torch.cat([x, gt], 1))), gt)
+
+
+def stage2_loss(model: DiffRIR, teacher: PriorEncoder, x: torch.Tensor, gt: torch.Tensor, noise: torch.Tensor,
+                kd_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The shipped network: its CPEN sees the input only and conditions the diffusion chain, which starts
+    from the (frozen) teacher prior noised to the last step; L1(output, GT) + kd_weight · L1(prior, teacher's)."""
+    with torch.no_grad():
+        target_prior = teacher(torch.cat([x, gt], 1))
+    start = model.diffusion.add_noise(target_prior, noise.to(target_prior))
+    prior = model.diffusion.sample(model.denoiser, model.prior_encoder(x), start)
+    pixel, kd = F.l1_loss(model.restorer(x, prior), gt), F.l1_loss(prior, target_prior)
+    return pixel + kd_weight * kd, {"l1": pixel, "kd": kd}
 
 
 def make_batch(sampler: CropSampler, size: int, generator: torch.Generator, device):
@@ -102,14 +158,14 @@ def train(images: list[torch.Tensor], settings: TrainSettings, out_path: str | P
     sampler = CropSampler(images, settings.crop, settings.seed)
     model = DiffRIR(config).to(device).train()
     # The teacher CPEN sees the input and the ground truth.
-    teacher = PriorEncoder(config.input_channels + config.image_channels, config).to(device).train()
+    teacher = make_teacher(config).to(device).train()
     losses = {"stage1": [], "stage2": []}
 
     optimizer = torch.optim.Adam([*model.restorer.parameters(), *teacher.parameters()], lr=settings.lr,
                                  betas=(0.9, 0.99))
     for step in range(settings.stage1_steps):
         x, gt = make_batch(sampler, settings.batch, generator, device)
-        loss = F.l1_loss(model.restorer(x, teacher(torch.cat([x, gt], 1))), gt)
+        loss = stage1_loss(model, teacher, x, gt)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -121,12 +177,8 @@ def train(images: list[torch.Tensor], settings: TrainSettings, out_path: str | P
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=(0.9, 0.99))
     for step in range(settings.stage2_steps):
         x, gt = make_batch(sampler, settings.batch, generator, device)
-        with torch.no_grad():
-            target_prior = teacher(torch.cat([x, gt], 1))
-        noise = torch.randn(target_prior.shape, generator=generator).to(target_prior)
-        start = model.diffusion.add_noise(target_prior, noise)
-        prior = model.diffusion.sample(model.denoiser, model.prior_encoder(x), start)
-        loss = F.l1_loss(model.restorer(x, prior), gt) + settings.kd_weight * F.l1_loss(prior, target_prior)
+        noise = torch.randn((x.shape[0], config.prior_dim), generator=generator)
+        loss, _ = stage2_loss(model, teacher, x, gt, noise, settings.kd_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -111,3 +111,27 @@ def test_width_mismatches_are_clear_errors_and_the_host_keeps_serving(host):
     # Still serving, and e_llm from MUMU Encode works too.
     [with_mmsm] = saved_latents_of(host, host.run_graph(mmsm_graph(embeds_from_mumu=True)).check(), "save_mmsm")
     assert torch.isfinite(with_mmsm).all()
+
+
+def test_the_full_mmig_workflow_writes_an_image_and_its_caption_beside_it(host):
+    import json
+
+    from PIL import Image
+
+    from devtools.run import run_workflow
+    from devtools.workflows import WORKFLOWS_DIR
+
+    api = json.loads((WORKFLOWS_DIR / "mmig_full.api.json").read_text())
+    assert {"MMIG_MLLMDescribe", "MMIG_MMSMApply", "MMIG_LayeredEmbeddings", "MMIG_AStarGuidance",
+            "MMIG_BLIP2Caption"} <= {node["class_type"] for node in api.values()}
+    messages = []
+    code, files = run_workflow(host, api, tiny=True, log=messages.append)
+    assert code == 0, "\n".join(messages) + "\n" + host.log_tail()
+    [image] = [f for f in files if f.suffix == ".png"]
+    [caption] = [f for f in files if f.suffix == ".txt"]
+    # Beside the image: the same folder, the caption's name is the image's prefix + "_caption", same counter.
+    assert caption.parent == image.parent
+    assert caption.name == image.name.replace("full_", "full_caption_").replace(".png", ".txt")
+    assert caption.read_text(encoding="utf-8").strip()
+    with Image.open(image) as png:
+        assert png.size == (128, 128)  # the tiny run's input image size: an edit keeps the input's size
