@@ -365,5 +365,11 @@ def _build(config: RecipeConfig, ctx: RunContext) -> Recipe:
                 *trainable_summary(module)]
     if ignored:
         describe.append(f"ignored (not in stage {config.stage}): {', '.join('w_' + t for t in ignored)}")
+    from diffusers.models.attention import BasicTransformerBlock
+
+    from mmig_core.vlm import decoder_layers
+    # FSDP shards the UNet's and the VLM's transformer blocks as separate units (the whole model as one unit
+    # would gather every weight at once).
+    fsdp_wrap = (BasicTransformerBlock, type(decoder_layers(vlm.model)[0]))
     return Recipe(module=module, param_groups=param_groups, dataset=dataset, export=export, collate=collate,
-                  describe=describe)
+                  describe=describe, fsdp_wrap=fsdp_wrap)
