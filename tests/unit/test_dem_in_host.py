@@ -10,8 +10,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from devtools import tiny_sdxl  # noqa: E402
-from devtools.tiny_models import TINY_SDXL  # noqa: E402
 from mmig_core import layered_embeddings as layered  # noqa: E402
 from mmig_core.astar_guidance import AStarSettings, concepts_from_clip, guided_model  # noqa: E402
 
@@ -24,17 +22,9 @@ QUARTER_SIDE_BLOCKS = {("input", 7), ("input", 8), ("middle", 0), ("output", 0),
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_models):
-    try:
-        tiny_sdxl.import_host()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    import comfy.sd
-    import devtools.tiny_host_support  # noqa: F401  (teaches the host the tiny SDXL)
-
+def loaded(load_tiny_sdxl_in_host):
+    model, clip, vae, _ = load_tiny_sdxl_in_host(output_vae=True, output_clip=True)
     with torch.inference_mode():
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-            str(tiny_models / TINY_SDXL), output_vae=True, output_clip=True, embedding_directory=None)
         cond, pooled = clip.encode_from_tokens(clip.tokenize(PROMPT), return_pooled=True)
         neg, neg_pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
     conditioning = ([[cond, {"pooled_output": pooled}]], [[neg, {"pooled_output": neg_pooled}]])

@@ -10,24 +10,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from devtools import tiny_sdxl  # noqa: E402
 from devtools.tiny_mmsm import tiny_mmsm_config  # noqa: E402
-from devtools.tiny_models import TINY_SDXL  # noqa: E402
 from mmig_core.mmsm import MMSM, OutputBlockPatch, init_mmsm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_models):
-    try:
-        tiny_sdxl.import_host()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    import comfy.sd
-    import devtools.tiny_host_support  # noqa: F401  (teaches the host the tiny SDXL)
-
+def loaded(load_tiny_sdxl_in_host):
+    model, clip, _, _ = load_tiny_sdxl_in_host(output_clip=True)
     with torch.inference_mode():
-        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
-            str(tiny_models / TINY_SDXL), output_vae=False, output_clip=True, embedding_directory=None)
         cond, pooled = clip.encode_from_tokens(clip.tokenize("a cat"), return_pooled=True)
         neg, neg_pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
     return model, ([[cond, {"pooled_output": pooled}]], [[neg, {"pooled_output": neg_pooled}]])

@@ -14,10 +14,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from devtools import tiny_sdxl  # noqa: E402
 from devtools.paths import REPO_ROOT  # noqa: E402
 from devtools.tiny_mmsm import tiny_mmsm_config  # noqa: E402
-from devtools.tiny_models import TINY_SDXL  # noqa: E402
 
 PACK = "mmig_pack_under_test"  # the repository imported as a package, as the host's custom_nodes loader does
 
@@ -34,18 +32,8 @@ def import_pack():
 
 
 @pytest.fixture(scope="module")
-def unet(tiny_models):
-    try:
-        tiny_sdxl.import_host()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    import comfy.sd
-    import devtools.tiny_host_support  # noqa: F401  (teaches the host the tiny SDXL)
-
-    with torch.inference_mode():
-        model, *_ = comfy.sd.load_checkpoint_guess_config(str(tiny_models / TINY_SDXL), output_vae=False,
-                                                          output_clip=False, embedding_directory=None)
-    return model
+def unet(load_tiny_sdxl_in_host):
+    return load_tiny_sdxl_in_host()[0]
 
 
 def test_loading_the_patched_model_moves_the_mmsm_to_the_unets_device_and_dtype(unet):

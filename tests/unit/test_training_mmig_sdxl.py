@@ -10,7 +10,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from devtools import tiny_sdxl  # noqa: E402
 from devtools.tiny_mmsm import tiny_mmsm_config  # noqa: E402
 from devtools.tiny_models import TINY_SDXL  # noqa: E402
 from mmig_core.mmsm import MMSM, OutputBlockPatch, init_mmsm  # noqa: E402
@@ -19,18 +18,9 @@ from training import sdxl  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def both(tiny_models):
-    try:
-        tiny_sdxl.import_host()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    import comfy.sd
-    import devtools.tiny_host_support  # noqa: F401  (teaches the host the tiny SDXL)
-
-    path = tiny_models / TINY_SDXL
-    host_model = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False,
-                                                       embedding_directory=None)[0]
-    return host_model.model, sdxl.load_sdxl(path)
+def both(tiny_models, load_tiny_sdxl_in_host):
+    host_model = load_tiny_sdxl_in_host(inference_mode=False)[0]
+    return host_model.model, sdxl.load_sdxl(tiny_models / TINY_SDXL)
 
 
 def inputs(batch=2, size=12):
