@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .model_files import ModelFilesError, check_safetensors_file, save_safetensors_atomic
+from .model_files import ModelFilesError, load_weights_exactly, read_config_metadata, save_safetensors_atomic
 
 FORMAT = "mmig-mm-adapter"
 
@@ -104,17 +104,11 @@ def save_mm_adapters(adapter_set: MMAdapterSet, path: str | os.PathLike) -> Path
 
 
 def load_mm_adapters(path: str | os.PathLike) -> MMAdapterSet:
-    from safetensors.torch import load_file
-    path = Path(path)
-    metadata = check_safetensors_file(path)
-    if metadata.get("format") != FORMAT:
-        raise ModelFilesError(f"{path} is not an MM-Adapter file: its metadata format is {metadata.get('format')!r}, "
-                              f"expected {FORMAT!r}")
+    raw = read_config_metadata(path, file_format=FORMAT, what="MM-Adapter", article="an",
+                               where="put MM-Adapters (.safetensors) in ComfyUI/models/mmig/")
     try:
-        raw = json.loads(metadata["config"])
         config = MMAdapterConfig(**{f.name: raw[f.name] for f in fields(MMAdapterConfig) if f.name in raw})
         adapter_set = MMAdapterSet(config)
-        adapter_set.load_state_dict(load_file(str(path)))
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise ModelFilesError(f"{path}: the MM-Adapter weights do not match the config in its metadata ({e})") from None
-    return adapter_set.eval()
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFilesError(f"{path}: the MM-Adapter config in the metadata is unreadable ({e})") from None
+    return load_weights_exactly(adapter_set, path).eval()

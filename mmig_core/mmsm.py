@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .model_files import ModelFilesError, check_safetensors_file, save_safetensors_atomic
+from .model_files import (ModelFilesError, check_safetensors_file, load_weights_exactly, read_config_metadata,
+                          save_safetensors_atomic)
 
 FORMAT = "mmig-mmsm"
 FORMAT_VERSION = "1"
@@ -132,30 +133,13 @@ def is_mmsm_file(path: str | os.PathLike) -> bool:
 
 
 def load_mmsm(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MMSM:
-    from safetensors.torch import load_file
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFilesError(f"MMSM file {path} not found: put MMSM .safetensors files in ComfyUI/models/mmig/")
-    metadata = check_safetensors_file(path)
-    if metadata.get("format") != FORMAT:
-        raise ModelFilesError(f"{path} is not an MMSM: its safetensors metadata has format "
-                              f"{metadata.get('format')!r}, expected {FORMAT!r} (files written by the pack's "
-                              f"MMSM training)")
+    raw = read_config_metadata(path, file_format=FORMAT, what="MMSM", article="an",
+                               where="put MMSM .safetensors files in ComfyUI/models/mmig/")
     try:
-        config = MMSMConfig(**json.loads(metadata["config"]))
-    except (KeyError, TypeError, ValueError) as e:
+        config = MMSMConfig(**raw)
+    except (TypeError, ValueError) as e:
         raise ModelFilesError(f"{path}: the MMSM config in the metadata is unreadable ({e})") from None
-    mmsm = MMSM(config)
-    state = load_file(str(path))
-    expected = mmsm.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        raise ModelFilesError(f"{path}: the weights do not match the config in its metadata (missing "
-                              f"{missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]})")
-    mmsm.load_state_dict(state)
-    return mmsm.to(dtype).eval()
+    return load_weights_exactly(MMSM(config), path).to(dtype).eval()
 
 
 class OutputBlockPatch:

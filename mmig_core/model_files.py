@@ -94,3 +94,40 @@ def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: di
         Path(temp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_config_metadata(path: str | os.PathLike, *, file_format: str, what: str, where: str,
+                         article: str = "a") -> dict:
+    """The JSON config a pack-written safetensors file keeps in its metadata, after checking that the file
+    exists, is valid and has `file_format`. `what` names the kind of file ("is not {article} {what}"), `where`
+    says where such files belong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFilesError(f"{what} file {path} not found: {where}")
+    metadata = check_safetensors_file(path)
+    if metadata.get("format") != file_format:
+        raise ModelFilesError(f"{path} is not {article} {what}: its safetensors metadata has format "
+                              f"{metadata.get('format')!r}, expected {file_format!r} (files written by the pack)")
+    try:
+        config = json.loads(metadata["config"])
+    except (KeyError, ValueError) as e:
+        raise ModelFilesError(f"{path}: the {what} config in the metadata is unreadable ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelFilesError(f"{path}: the {what} config in the metadata is not a JSON object")
+    return config
+
+
+def load_weights_exactly(module, path: str | os.PathLike):
+    """Load a safetensors file into `module`: every tensor present, none extra, every shape right, or an
+    error naming them (the file does not belong to the config it was built from)."""
+    from safetensors.torch import load_file
+    state = load_file(str(path))
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        raise ModelFilesError(f"{path}: the weights do not match the config in its metadata (missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]})")
+    module.load_state_dict(state)
+    return module

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model_files import ModelFilesError, check_safetensors_file, save_safetensors_atomic
+from .model_files import ModelFilesError, load_weights_exactly, read_config_metadata, save_safetensors_atomic
 
 FORMAT = "mmig-mumu-adapter"
 FORMAT_VERSION = "1"
@@ -146,29 +146,11 @@ def save_adapter(adapter: MUMUAdapter, path: str | os.PathLike) -> Path:
 
 def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MUMUAdapter:
     """Read an adapter written by `save_adapter`; any problem is a ModelFilesError naming the file."""
-    from safetensors.torch import load_file
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFilesError(f"MUMU adapter file not found: {path}")
-    metadata = check_safetensors_file(path)
-    if metadata.get("format") != FORMAT:
-        raise ModelFilesError(f"{path} is not a MUMU adapter: its safetensors metadata has format "
-                              f"{metadata.get('format')!r}, expected {FORMAT!r} (files written by the pack's "
-                              f"training or mmig_core.mumu_adapter.save_adapter)")
+    raw = read_config_metadata(path, file_format=FORMAT, what="MUMU adapter",
+                               where="put MUMU adapters (.safetensors) in ComfyUI/models/mmig/")
     try:
-        raw = json.loads(metadata["config"])
         known = {f.name for f in fields(MUMUAdapterConfig)}
         config = MUMUAdapterConfig(**{k: v for k, v in raw.items() if k in known})
-    except (KeyError, TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:
         raise ModelFilesError(f"{path}: the adapter config in the metadata is unreadable ({e})") from None
-    adapter = MUMUAdapter(config)
-    state = load_file(str(path))
-    expected = adapter.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise ModelFilesError(f"{path}: the weights do not match the config in its metadata (missing "
-                              f"{missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {wrong[:3]})")
-    adapter.load_state_dict(state)
-    return adapter.to(dtype).eval()
+    return load_weights_exactly(MUMUAdapter(config), path).to(dtype).eval()

@@ -22,14 +22,8 @@ def caption_graph(model_name, *, image_node=None, batch=2, prefix="", sampling=F
     }
 
 
-def test_nodes_are_listed_with_tooltips(host):
+def test_the_loader_lists_the_tiny_model(host):
     info = host.object_info()
-    for node in ("MMIG_BLIP2Loader", "MMIG_BLIP2Caption"):
-        assert node in info, f"{node} missing from /object_info"
-        assert info[node]["category"] == "MMIG" and info[node]["description"]
-        for section in info[node]["input"].values():
-            for name, spec in section.items():
-                assert spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
     assert TINY_NAME in info["MMIG_BLIP2Loader"]["input"]["required"]["model_name"][0]
     assert info["MMIG_BLIP2Caption"]["output_node"] is True
 

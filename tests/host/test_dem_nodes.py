@@ -6,7 +6,6 @@ from devtools.tiny_models import TINY_SDXL
 pytestmark = pytest.mark.host
 CKPT = TINY_SDXL.split("/")[-1]
 PROMPT = "a photo of a cat and a dog"
-NODES = ("MMIG_AStarGuidance", "MMIG_LayeredEmbeddings")
 
 
 def base_graph():
@@ -55,13 +54,8 @@ def layered_graph(mask_size=(64, 64)):
     return graph
 
 
-def test_nodes_are_listed_with_tooltips(host):
+def test_the_nodes_outputs(host):
     info = host.object_info()
-    for node in NODES:
-        assert info[node]["category"] == "MMIG" and info[node]["description"]
-        for section in info[node]["input"].values():
-            for name, spec in section.items():
-                assert spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
     assert info["MMIG_AStarGuidance"]["output"] == ["MODEL"]
     assert info["MMIG_LayeredEmbeddings"]["output"] == ["CONDITIONING"] * 3
 

@@ -39,14 +39,8 @@ def saved_images(host, result):
     return [np.asarray(Image.open(path).convert("RGB")) for path in host.output_files(result)]
 
 
-def test_nodes_are_listed_with_tooltips(host):
+def test_the_loader_lists_the_tiny_model(host):
     info = host.object_info()
-    for node in ("MMIG_DiffRIRLoader", "MMIG_DiffRIRRestore"):
-        assert node in info, f"{node} missing from /object_info"
-        assert info[node]["category"] == "MMIG" and info[node]["description"]
-        for section in info[node]["input"].values():
-            for name, spec in section.items():
-                assert spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
     assert TINY_NAME in info["MMIG_DiffRIRLoader"]["input"]["required"]["model_name"][0]
 
 

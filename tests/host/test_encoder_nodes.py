@@ -8,7 +8,6 @@ from devtools.tiny_models import TINY_IDEFICS2, TINY_MUMU_ADAPTER, TINY_SDXL
 pytestmark = pytest.mark.host
 VLM = TINY_IDEFICS2.split("/")[-1]
 ADAPTER = TINY_MUMU_ADAPTER.split("/")[-1]
-NODES = ("MMIG_VLMLoader", "MMIG_MultimodalPrompt", "MMIG_AdapterLoader", "MMIG_MUMUEncode", "MMIG_MLLMDescribe")
 
 
 def image(width, height, color):
@@ -49,13 +48,8 @@ def conditioning_info(result, node="7"):
     return result.outputs[node]["conditioning"]
 
 
-def test_nodes_are_listed_with_tooltips_and_tiny_models(host):
+def test_the_loaders_list_the_tiny_models(host):
     info = host.object_info()
-    for node in NODES:
-        assert info[node]["category"] == "MMIG" and info[node]["description"]
-        for section in info[node]["input"].values():
-            for name, spec in section.items():
-                assert spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
     assert VLM in info["MMIG_VLMLoader"]["input"]["required"]["model_name"][0]
     assert ADAPTER in info["MMIG_AdapterLoader"]["input"]["required"]["adapter_name"][0]
 

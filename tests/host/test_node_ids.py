@@ -32,3 +32,12 @@ def test_every_pack_node_is_in_the_shipped_list(host):
     pack_nodes = [name for name, spec in host.object_info().items()
                   if name.startswith("MMIG_") and spec.get("category", "").startswith("MMIG")]
     assert sorted(pack_nodes) == sorted(SHIPPED_NODE_IDS)
+
+
+def test_every_pack_node_is_described_and_every_input_has_a_tooltip(host):
+    info = host.object_info()
+    for node in SHIPPED_NODE_IDS:
+        assert info[node]["category"] == "MMIG" and info[node]["description"], node
+        for section in info[node]["input"].values():
+            for name, spec in section.items():
+                assert spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
