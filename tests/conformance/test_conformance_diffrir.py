@@ -1,0 +1,111 @@
+"""DiffRIR against the official code (Zj-BinXia/DiffRIR), from the facts in tests/conformance/diffrir/.
+
+- An official checkpoint at the published x1 config (names and shapes of the official DiffRIRS2's
+  state_dict, with its shared tensors) loads through the pack's loader from `params_ema` and `params`;
+  the x2/x4 super-resolution variants get an error naming the config found and the configs accepted.
+- On a small config with seeded weights, the pack's restoration equals the official inference
+  procedure's output (pad to 32, mask binarised at 0.5, crop, paste-back) within 1e-5.
+
+Regenerate the facts with `python -m devtools.conformance diffrir --reference <checkout of Zj-BinXia/DiffRIR>`.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from devtools.conformance.diffrir import seeded_weights
+from mmig_core.diffrir import load_diffrir, restore_images
+from mmig_core.model_files import ModelFilesError
+
+FIXTURES = Path(__file__).parent / "diffrir"
+FORWARD_TOLERANCE = 1e-5
+
+
+def official_checkpoint(entry: dict, fixture_buffers: dict | None = None) -> dict:
+    """A state dict with exactly the official names and shapes: random tensors, shared names sharing one."""
+    generator = torch.Generator().manual_seed(0)
+    alias = {name: group[0] for group in entry["shared"] for name in group[1:]}
+    state = {}
+    for name, shape in entry["state_dict"].items():
+        if name in alias:
+            state[name] = state[alias[name]]
+        elif fixture_buffers is not None and name in fixture_buffers:
+            state[name] = fixture_buffers[name]
+        elif name == "diffusion.betas":  # the schedule the published config names (0.1 .. 0.99, linear in sqrt)
+            state[name] = torch.linspace(0.1 ** 0.5, 0.99 ** 0.5, shape[0], dtype=torch.float64).float() ** 2
+        else:
+            state[name] = 0.02 * torch.randn(shape, generator=generator)
+    return state
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    return json.loads((FIXTURES / "manifest.json").read_text())
+
+
+def test_the_manifest_is_the_published_x1_network(manifest):
+    x1 = manifest["x1"]
+    assert x1["kwargs"]["ffn_expansion_factor"] == 2.2 and x1["kwargs"]["LayerNorm_type"] == "BiasFree"
+    hidden = [x1["state_dict"][f"G.{level}.0.ffn.project_out.weight"][1]
+              for level in ("encoder_level1", "encoder_level2", "encoder_level3", "latent")]
+    assert hidden == [int(64 * 2 ** level * 2.2) for level in range(4)]  # 140, 281, 563, 1126: no single ratio
+    assert any("diffusion.model." in name for group in x1["shared"] for name in group)
+
+
+@pytest.mark.parametrize("key", ["params_ema", "params"])
+def test_an_official_x1_checkpoint_loads(manifest, tmp_path, key):
+    state = official_checkpoint(manifest["x1"])
+    torch.save({key: state}, tmp_path / "DiffRIR.pth")
+    model = load_diffrir(tmp_path / "DiffRIR.pth")
+    c = model.config
+    assert (c.dim, c.num_blocks, c.num_refinement_blocks, c.heads, c.ffn_expansion_factor, c.layernorm_with_bias,
+            c.prior_res_blocks, c.timesteps) == (64, (13, 1, 1, 1), 13, (1, 2, 4, 8), 2.2, False, 9, 4)
+    # Every learned official tensor landed somewhere: the pack's state is the de-duplicated official one.
+    learned = {n for n in state if not n.startswith("diffusion.")}
+    assert sum(v.numel() for v in model.state_dict().values()) == sum(state[n].numel() for n in learned)
+    assert torch.equal(model.restorer.latent[0].ffn.project_out.weight, state["G.latent.0.ffn.project_out.weight"])
+
+
+@pytest.mark.parametrize("variant, found", [("x2", "x2 (options/train_DiffRIRS2_x2.yml)"),
+                                            ("x4", "x4 (options/train_DiffRIRS2_x4.yml)")])
+def test_super_resolution_variants_are_refused_by_name(manifest, tmp_path, variant, found):
+    torch.save({"params_ema": official_checkpoint(manifest[variant])}, tmp_path / f"DiffRIR_{variant}.pth")
+    with pytest.raises(ModelFilesError) as error:
+        load_diffrir(tmp_path / f"DiffRIR_{variant}.pth")
+    message = str(error.value)
+    assert found in message and "accepted: the official DiffRIRS2 x1 checkpoint" in message
+
+
+def test_the_pack_computes_what_the_official_inference_computes(tmp_path):
+    spec = json.loads((FIXTURES / "forward.json").read_text())
+    fixture = load_file(str(FIXTURES / "forward.safetensors"))
+    buffers = {k.removeprefix("buffer."): v for k, v in fixture.items() if k.startswith("buffer.")}
+    state = official_checkpoint(spec, buffers)
+    state.update(seeded_weights([(name, spec["state_dict"][name]) for name in spec["parameters"]],
+                                spec["weight_seed"]))
+    for group in spec["shared"]:
+        for name in group[1:]:
+            state[name] = state[group[0]]
+    torch.save({"params_ema": state}, tmp_path / "small.pth")
+    model = load_diffrir(tmp_path / "small.pth")
+    assert model.config.ffn_expansion_factor == spec["kwargs"]["ffn_expansion_factor"]
+
+    def bhwc(x):
+        return x.permute(0, 2, 3, 1)
+
+    image, reference, mask = bhwc(fixture["image"]), bhwc(fixture["reference"]), fixture["mask"][:, 0]
+    assert ((mask > 0) & (mask < 1)).any()  # a soft mask: the default binarises it as the official script does
+    raw = restore_images(model, image, reference, mask, tile=0, paste_back=False, seed=spec["noise_seed"])
+    pasted = restore_images(model, image, reference, mask, tile=0, seed=spec["noise_seed"])
+    expected_raw = bhwc(fixture["network_output"]).clamp(0, 1)  # the node's IMAGE is clamped; 8-bit saving clamps too
+    expected = bhwc(fixture["restored"]).clamp(0, 1)
+    assert (bhwc(fixture["network_output"]) == expected_raw).float().mean() > 0.95  # little is clamped away
+    print(f"DiffRIR forward vs official: max abs diff {(raw - expected_raw).abs().max():.3g} (network), "
+          f"{(pasted - expected).abs().max():.3g} (restored)")
+    torch.testing.assert_close(raw, expected_raw, atol=FORWARD_TOLERANCE, rtol=0)
+    torch.testing.assert_close(pasted, expected, atol=FORWARD_TOLERANCE, rtol=0)
+    # The soft mask is a different computation (the pack's option), not silently the same one.
+    soft = restore_images(model, image, reference, mask, tile=0, seed=spec["noise_seed"], soft_mask=True)
+    assert (soft - expected).abs().max() > 1e-3
