@@ -7,9 +7,11 @@ then os.replace) so a crash never leaves half a file under the loader's name.
 The official DiffRIR/DiffIR checkpoint (a basicsr `.pth`: {"params_ema": ...} or {"params": ...},
 keys such as `G.encoder_level1.0.attn.kernel.0.weight`, `condition.E.0.weight`,
 `denoise.resmlp.0.weight`) is read with torch.load(weights_only=True) only, its sizes are inferred
-from the tensor shapes, and its keys are renamed to this module's. If torch refuses the file (it
-holds more than tensors), convert it once, offline, in an environment you trust, as the README
-shows; the resulting .safetensors with official keys loads here too.
+from the tensor shapes (the feed-forward width per level, as the official int(width · 2.2)), and its
+keys are renamed to this module's. Only the x1 network (same-size restoration) is accepted; the x2/x4
+super-resolution variants and stage-one checkpoints get an error naming what was found. To get a
+.safetensors, `python -m mmig_core.diffrir.convert` (see `convert`); a .safetensors with the official
+keys loads here too.
 """
 from __future__ import annotations
 
@@ -218,8 +220,9 @@ def load_diffrir(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32)
         except Exception as e:
             raise ModelFilesError(
                 f"{path} cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e}); the pack "
-                f"never unpickles other objects. Convert it once, offline, to safetensors as the README's DiffRIR "
-                f"section shows, and put the .safetensors in models/diffrir/.") from None
+                f"never unpickles other objects. If you trust the file, convert it once, offline: `python -m "
+                f"mmig_core.diffrir.convert IN.pth OUT.safetensors --trust-pickle`, and put the .safetensors in "
+                f"models/diffrir/.") from None
         state = _unwrap_checkpoint(raw, path)
         metadata = {}
     else:

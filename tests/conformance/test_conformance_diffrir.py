@@ -81,14 +81,7 @@ def test_super_resolution_variants_are_refused_by_name(manifest, tmp_path, varia
 def test_the_pack_computes_what_the_official_inference_computes(tmp_path):
     spec = json.loads((FIXTURES / "forward.json").read_text())
     fixture = load_file(str(FIXTURES / "forward.safetensors"))
-    buffers = {k.removeprefix("buffer."): v for k, v in fixture.items() if k.startswith("buffer.")}
-    state = official_checkpoint(spec, buffers)
-    state.update(seeded_weights([(name, spec["state_dict"][name]) for name in spec["parameters"]],
-                                spec["weight_seed"]))
-    for group in spec["shared"]:
-        for name in group[1:]:
-            state[name] = state[group[0]]
-    torch.save({"params_ema": state}, tmp_path / "small.pth")
+    torch.save({"params_ema": small_official_checkpoint()}, tmp_path / "small.pth")
     model = load_diffrir(tmp_path / "small.pth")
     assert model.config.ffn_expansion_factor == spec["kwargs"]["ffn_expansion_factor"]
 
@@ -109,3 +102,37 @@ def test_the_pack_computes_what_the_official_inference_computes(tmp_path):
     # The soft mask is a different computation (the pack's option), not silently the same one.
     soft = restore_images(model, image, reference, mask, tile=0, seed=spec["noise_seed"], soft_mask=True)
     assert (soft - expected).abs().max() > 1e-3
+
+
+def small_official_checkpoint() -> dict:
+    """The forward fixture's official layout (shared tensors included), with its seeded weights."""
+    spec = json.loads((FIXTURES / "forward.json").read_text())
+    buffers = {k.removeprefix("buffer."): v for k, v in load_file(str(FIXTURES / "forward.safetensors")).items()
+               if k.startswith("buffer.")}
+    state = official_checkpoint(spec, buffers)
+    state.update(seeded_weights([(name, spec["state_dict"][name]) for name in spec["parameters"]],
+                                spec["weight_seed"]))
+    for group in spec["shared"]:
+        for name in group[1:]:
+            state[name] = state[group[0]]
+    return state
+
+
+@pytest.mark.parametrize("official_keys", [False, True])
+def test_the_readme_conversion_works_on_shared_memory_tensors(tmp_path, official_keys):
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+    state = small_official_checkpoint()
+    with pytest.raises(RuntimeError, match="share memory"):  # why a plain save_file fails on a real checkpoint
+        save_file(state, str(tmp_path / "naive.safetensors"))
+    torch.save({"params": state, "params_ema": state}, tmp_path / "DiffRIR.pth")
+    command = [sys.executable, "-m", "mmig_core.diffrir.convert", str(tmp_path / "DiffRIR.pth"),
+               str(tmp_path / "DiffRIR.safetensors")] + (["--official-keys"] if official_keys else [])
+    done = subprocess.run(command, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    converted, original = load_diffrir(tmp_path / "DiffRIR.safetensors"), load_diffrir(tmp_path / "DiffRIR.pth")
+    assert converted.config == original.config
+    for (name, a), b in zip(converted.state_dict().items(), original.state_dict().values()):
+        assert torch.equal(a, b), name
