@@ -13,7 +13,8 @@ Writes into tests/conformance/diffrir/:
 - `degradations.json`: the second-order degradation ranges and probabilities of the published
   training options (`options/train_DiffRIRS2_x1.yml`), as the YAML writes them.
 
-Only the reference's arch code runs; basicsr (a training dependency it imports for a registry and
+The readers below (`official_checkpoint`, `small_official_checkpoint`, `manifest_entry`) build checkpoints
+in the official layout from these facts, for the tests. Only the reference's arch code runs; basicsr (a training dependency it imports for a registry and
 image helpers) and cv2 are stubbed, since neither is needed to build the network or run its forward.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 REFERENCE = "Zj-BinXia/DiffRIR"
+FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "conformance" / "diffrir"
 X1_INFERENCE = dict(n_encoder_res=9, dim=64, scale=1, num_blocks=[13, 1, 1, 1], num_refinement_blocks=13,
                     heads=[1, 2, 4, 8], ffn_expansion_factor=2.2, LayerNorm_type="BiasFree")  # inference_diffrir.py
 SMALL = dict(n_encoder_res=1, dim=8, scale=1, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1,
@@ -66,6 +68,44 @@ def seeded_weights(parameters: list[tuple[str, list[int]]], seed: int = WEIGHT_S
         if name.startswith("G.tail.1."):
             weights[name] = 0.1 * weights[name]
     return weights
+
+
+def official_checkpoint(entry: dict, fixture_buffers: dict | None = None) -> dict:
+    """A state dict with exactly the official names and shapes of a manifest entry: random tensors (or the
+    fixture's buffers), the names the official module shares holding one tensor, as in a real checkpoint."""
+    generator = torch.Generator().manual_seed(0)
+    alias = {name: group[0] for group in entry["shared"] for name in group[1:]}
+    state = {}
+    for name, shape in entry["state_dict"].items():
+        if name in alias:
+            state[name] = state[alias[name]]
+        elif fixture_buffers is not None and name in fixture_buffers:
+            state[name] = fixture_buffers[name]
+        elif name == "diffusion.betas":  # the schedule the published config names (0.1 .. 0.99, linear in sqrt)
+            state[name] = torch.linspace(0.1 ** 0.5, 0.99 ** 0.5, shape[0], dtype=torch.float64).float() ** 2
+        else:
+            state[name] = 0.02 * torch.randn(shape, generator=generator)
+    return state
+
+
+def manifest_entry(variant: str) -> dict:
+    """One config of the committed manifest: published "x1", "x2", "x4", or "small_x2" (tiny widths, x2 layout)."""
+    return json.loads((FIXTURES / "manifest.json").read_text())[variant]
+
+
+def small_official_checkpoint() -> dict:
+    """The forward fixture's network as an official state dict: seeded weights, shared tensors, its buffers."""
+    from safetensors.torch import load_file
+    spec = json.loads((FIXTURES / "forward.json").read_text())
+    buffers = {k.removeprefix("buffer."): v for k, v in load_file(str(FIXTURES / "forward.safetensors")).items()
+               if k.startswith("buffer.")}
+    state = official_checkpoint(spec, buffers)
+    state.update(seeded_weights([(name, spec["state_dict"][name]) for name in spec["parameters"]],
+                                spec["weight_seed"]))
+    for group in spec["shared"]:
+        for name in group[1:]:
+            state[name] = state[group[0]]
+    return state
 
 
 def fixture_inputs(seed: int = INPUT_SEED):
@@ -151,6 +191,9 @@ def regenerate(reference: Path, out: Path) -> None:
         for scale in (2, 4):
             configs[f"x{scale}"] = {"source": f"options/train_DiffRIRS2_x{scale}.yml network_g",
                                     "kwargs": _published_network_g(reference, scale)}
+        # The forward fixture's small widths at scale 2: a cheap checkpoint of the x2 layout for the host test.
+        configs["small_x2"] = {"source": "the forward fixture's small config at scale 2",
+                               "kwargs": {**SMALL, "scale": 2}}
         for entry in configs.values():
             torch.manual_seed(0)
             entry.update(_manifest(DiffRIRS2(**entry["kwargs"])))

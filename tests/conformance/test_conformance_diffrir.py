@@ -15,29 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from devtools.conformance.diffrir import seeded_weights
+from devtools.conformance.diffrir import FIXTURES, official_checkpoint, small_official_checkpoint
 from mmig_core.diffrir import load_diffrir, restore_images
 from mmig_core.model_files import ModelFilesError
 
-FIXTURES = Path(__file__).parent / "diffrir"
 FORWARD_TOLERANCE = 1e-5
-
-
-def official_checkpoint(entry: dict, fixture_buffers: dict | None = None) -> dict:
-    """A state dict with exactly the official names and shapes: random tensors, shared names sharing one."""
-    generator = torch.Generator().manual_seed(0)
-    alias = {name: group[0] for group in entry["shared"] for name in group[1:]}
-    state = {}
-    for name, shape in entry["state_dict"].items():
-        if name in alias:
-            state[name] = state[alias[name]]
-        elif fixture_buffers is not None and name in fixture_buffers:
-            state[name] = fixture_buffers[name]
-        elif name == "diffusion.betas":  # the schedule the published config names (0.1 .. 0.99, linear in sqrt)
-            state[name] = torch.linspace(0.1 ** 0.5, 0.99 ** 0.5, shape[0], dtype=torch.float64).float() ** 2
-        else:
-            state[name] = 0.02 * torch.randn(shape, generator=generator)
-    return state
 
 
 @pytest.fixture(scope="module")
@@ -104,20 +86,6 @@ def test_the_pack_computes_what_the_official_inference_computes(tmp_path):
     assert (soft - expected).abs().max() > 1e-3
 
 
-def small_official_checkpoint() -> dict:
-    """The forward fixture's official layout (shared tensors included), with its seeded weights."""
-    spec = json.loads((FIXTURES / "forward.json").read_text())
-    buffers = {k.removeprefix("buffer."): v for k, v in load_file(str(FIXTURES / "forward.safetensors")).items()
-               if k.startswith("buffer.")}
-    state = official_checkpoint(spec, buffers)
-    state.update(seeded_weights([(name, spec["state_dict"][name]) for name in spec["parameters"]],
-                                spec["weight_seed"]))
-    for group in spec["shared"]:
-        for name in group[1:]:
-            state[name] = state[group[0]]
-    return state
-
-
 @pytest.mark.parametrize("official_keys", [False, True])
 def test_the_readme_conversion_works_on_shared_memory_tensors(tmp_path, official_keys):
     import subprocess
@@ -136,3 +104,16 @@ def test_the_readme_conversion_works_on_shared_memory_tensors(tmp_path, official
     assert converted.config == original.config
     for (name, a), b in zip(converted.state_dict().items(), original.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: {k: v for k, v in s.items() if not k.startswith(("denoise.", "diffusion."))},
+     "stage-one DiffRIRS1 teacher"),
+    (lambda s: {"conv_first.weight": torch.zeros(64, 3, 3, 3), "body.0.rdb1.conv1.weight": torch.zeros(32, 64, 3, 3)},
+     "its keys start with body, conv_first"),
+])
+def test_other_architectures_name_what_was_found_and_what_is_accepted(tmp_path, edit, message):
+    torch.save({"params_ema": edit(small_official_checkpoint())}, tmp_path / "other.pth")
+    with pytest.raises(ModelFilesError) as error:
+        load_diffrir(tmp_path / "other.pth")
+    assert message in str(error.value) and "accepted: the official DiffRIRS2 x1 checkpoint" in str(error.value)
