@@ -134,3 +134,13 @@ def test_an_official_x2_checkpoint_is_refused_by_name(host):
     assert "accepted: the official DiffRIRS2 x1 checkpoint" in result.error
     ok = host.run_graph(restore_graph(seed=22)).check()
     assert len(saved_images(host, ok)) == 1
+
+
+@pytest.mark.parametrize("soft_mask", [False, True])
+def test_a_soft_mask_is_binarised_unless_soft_mask_is_on(host, soft_mask):
+    graph = restore_graph(mask_value=0.3, seed=30 + soft_mask)
+    graph["5"]["inputs"]["soft_mask"] = soft_mask
+    [image] = saved_images(host, host.run_graph(graph).check())
+    reference = np.array([(REFERENCE_COLOR >> 16) & 255, (REFERENCE_COLOR >> 8) & 255, REFERENCE_COLOR & 255])
+    # 0.3 < 0.5: binarised, nothing counts as generated and the reference comes back exactly; soft, 30 % blends in.
+    assert (image == reference.astype(np.uint8)).all() != soft_mask
