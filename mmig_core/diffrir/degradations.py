@@ -14,8 +14,9 @@ I_LQ = D_2(D_1(I_GT)), then clipped to [0, 1] and rounded to 8 bits, as the offi
      sinc is a sinc kernel with `final_sinc_prob`, else the identity.
   Per image: kernels, noise sigma/scale, grey-or-colour, JPEG quality. Per batch (as the official code,
   which draws them once per batch): resize direction, scale and mode, Gaussian-or-Poisson, final order.
-  Deviation: JPEG is kornia's differentiable codec (basicsr's DiffJPEG with rounding is not a dependency
-  here); its rounding is approximated, so artefacts are slightly softer.
+  Kernels, noise and JPEG are computed as basicsr's (`random_mixed_kernels`, `circular_lowpass_kernel`,
+  `random_add_*_noise_pt`, `DiffJPEG(differentiable=False)`), written here from their definitions; kernels
+  and JPEG are tested against basicsr's own outputs (tests/conformance/diffrir_basicsr/).
 - D_2(x) = c_1·x + c_2, c_1 ~ U[0.94, 1.06] (contrast), c_2 ~ U[-0.05, 0.05] (brightness), one pair
   per image and the same for R, G and B, clipped (the official `add_lumi_error`).
 
@@ -96,23 +97,35 @@ def _quadratic_form(size: int, sigma_x: float, sigma_y: float, theta: float) -> 
     return (u / sigma_x) ** 2 + (v / sigma_y) ** 2
 
 
-def mixed_kernel(kind: str, size: int, sigma_range, betag_range, betap_range, generator) -> torch.Tensor:
-    """A kernel of one of KERNEL_TYPES, its parameters drawn as basicsr's `random_mixed_kernels` draws them."""
-    sigma_x = float(_uniform(*sigma_range, 1, generator, "cpu"))
-    if kind.endswith("iso") and not kind.endswith("aniso"):
+def kernel_from_params(kind: str, size: int, sigma_x: float, sigma_y: float, theta: float,
+                       beta: float = 1.0) -> torch.Tensor:
+    """basicsr's bivariate Gaussian / generalized Gaussian (exp(-q^β / 2)) / plateau (1 / (1 + q^β)) kernel,
+    normalised; iso kinds use sigma_x on both axes and no rotation."""
+    if not kind.endswith("aniso"):
         sigma_y, theta = sigma_x, 0.0
-    else:
-        sigma_y = float(_uniform(*sigma_range, 1, generator, "cpu"))
-        theta = float(_uniform(-math.pi, math.pi, 1, generator, "cpu"))
     q = _quadratic_form(size, sigma_x, sigma_y, theta)
-    if kind.startswith("generalized") or kind.startswith("plateau"):
-        low, high = betag_range if kind.startswith("generalized") else betap_range
-        beta = float(_uniform(low, 1.0, 1, generator, "cpu") if _chance(0.5, generator)
-                     else _uniform(1.0, high, 1, generator, "cpu"))
-        kernel = torch.exp(-0.5 * q ** beta) if kind.startswith("generalized") else 1 / (q ** beta + 1)
+    if kind.startswith("generalized"):
+        kernel = torch.exp(-0.5 * q ** beta)
+    elif kind.startswith("plateau"):
+        kernel = 1 / (q ** beta + 1)
     else:
         kernel = torch.exp(-0.5 * q)
     return kernel / kernel.sum()
+
+
+def mixed_kernel(kind: str, size: int, sigma_range, betag_range, betap_range, generator) -> torch.Tensor:
+    """A kernel of one of KERNEL_TYPES, its parameters drawn as basicsr's `random_mixed_kernels` draws them."""
+    sigma_x = float(_uniform(*sigma_range, 1, generator, "cpu"))
+    sigma_y, theta = sigma_x, 0.0
+    if kind.endswith("aniso"):
+        sigma_y = float(_uniform(*sigma_range, 1, generator, "cpu"))
+        theta = float(_uniform(-math.pi, math.pi, 1, generator, "cpu"))
+    beta = 1.0
+    if kind.startswith(("generalized", "plateau")):
+        low, high = betag_range if kind.startswith("generalized") else betap_range
+        beta = float(_uniform(low, 1.0, 1, generator, "cpu") if _chance(0.5, generator)
+                     else _uniform(1.0, high, 1, generator, "cpu"))
+    return kernel_from_params(kind, size, sigma_x, sigma_y, theta, beta)
 
 
 def sinc_kernel(cutoff: float, size: int) -> torch.Tensor:
@@ -231,13 +244,63 @@ def random_noise(x, gaussian_prob, sigma_range, poisson_range, gray_prob, genera
     return (x + noise).clamp(0, 1)
 
 
+# The JPEG luminance and chrominance quantisation tables (ITU-T T.81 Annex K), as [row, column]; used
+# transposed, as basicsr's DiffJPEG (and so the official training) applies them.
+_Y_TABLE = torch.tensor([
+    [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55], [14, 13, 16, 24, 40, 57, 69, 56],
+    [14, 17, 22, 29, 51, 87, 80, 62], [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
+    [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99]], dtype=torch.float32)
+_C_TABLE = torch.full((8, 8), 99.0)
+_C_TABLE[:4, :4] = torch.tensor([[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]])
+
+
+def _dct_basis() -> torch.Tensor:
+    """[8, 8] orthonormal DCT-II matrix D, so that D @ block @ D.T is the 2-D DCT of a block."""
+    k = torch.arange(8, dtype=torch.float64)
+    basis = torch.cos((2 * k[None, :] + 1) * k[:, None] * math.pi / 16) * 0.5
+    basis[0] /= math.sqrt(2)
+    return basis.float()
+
+
+def quality_to_factor(quality: torch.Tensor) -> torch.Tensor:
+    """The IJG scaling of the quantisation tables: 5000/q below 50, else 200 - 2q, in percent."""
+    return torch.where(quality < 50, 5000 / quality, 200 - 2 * quality) / 100
+
+
+def jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """JPEG compression and decompression of [B, 3, H, W] in 0..1, one quality per image, as Real-ESRGAN's
+    (basicsr's DiffJPEG with differentiable=False): YCbCr, 4:2:0 chroma by 2x2 means, 8x8 DCT, quantisation
+    by the tables scaled for the quality with true rounding, nearest chroma upsampling, clipped to [0, 1].
+    Images are zero-padded to multiples of 16 and cropped back."""
+    b, _, h, w = x.shape
+    x = F.pad(x, (0, (-w) % 16, 0, (-h) % 16))
+    to_ycbcr = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+    ycbcr = torch.einsum("bchw,dc->bdhw", x * 255, to_ycbcr.to(x)) + torch.tensor([0.0, 128, 128]).to(x)[:, None, None]
+    factor = quality_to_factor(quality.to(x))[:, None, None, None, None]
+    dct = _dct_basis().to(x)
+    planes = []
+    for channel in range(3):
+        plane = ycbcr[:, channel]
+        if channel:
+            plane = F.avg_pool2d(plane[:, None], 2)[:, 0]
+        ph, pw = plane.shape[-2:]
+        blocks = plane.reshape(b, ph // 8, 8, pw // 8, 8).permute(0, 1, 3, 2, 4) - 128  # [B, by, bx, 8, 8]
+        table = (_C_TABLE if channel else _Y_TABLE).T.to(x) * factor
+        coefficients = torch.round(dct @ blocks @ dct.T / table) * table
+        plane = (dct.T @ coefficients @ dct + 128).permute(0, 1, 3, 2, 4).reshape(b, ph, pw)
+        if channel:
+            plane = plane.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+        planes.append(plane)
+    to_rgb = torch.tensor([[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]])
+    shifted = torch.stack(planes, 1) - torch.tensor([0.0, 128, 128]).to(x)[:, None, None]
+    rgb = torch.einsum("bchw,dc->bdhw", shifted, to_rgb.to(x))
+    return (rgb.clamp(0, 255) / 255)[..., :h, :w]
+
+
 def random_jpeg(x, quality_range, generator):
     """JPEG at a quality ~ U(quality_range) per image, of the clipped image."""
-    from kornia.enhance import jpeg_codec_differentiable
-    quality = _uniform(*quality_range, x.shape[0], generator, x.device).to(x.dtype)
-    h, w = x.shape[-2:]
-    padded = F.pad(x.clamp(0, 1), (0, (-w) % 16, 0, (-h) % 16), mode="replicate")  # kornia wants 16x16 blocks
-    return jpeg_codec_differentiable(padded, quality)[..., :h, :w]
+    quality = _uniform(*quality_range, x.shape[0], generator, x.device)
+    return jpeg(x.clamp(0, 1), quality)
 
 
 def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
