@@ -7,7 +7,9 @@ kernels (`bivariate_Gaussian`, `bivariate_generalized_Gaussian`, `bivariate_plat
 `circular_lowpass_kernel`) and JPEG (`DiffJPEG(differentiable=False)`). This runs those functions on
 fixed parameters and inputs and writes into tests/conformance/diffrir_basicsr/:
 - `kernels.json` (the parameters) + `kernels.safetensors` (the kernels basicsr makes of them);
-- `jpeg.safetensors`: an input image batch, its qualities and basicsr's JPEG of it.
+- `jpeg.safetensors`: an input image batch, its qualities and basicsr's JPEG of it;
+- `poisson.safetensors`: basicsr's colour Poisson noise (`generate_poisson_noise_pt`, scale 1) of that
+  batch, drawn right after `torch.manual_seed(POISSON_SEED)`.
 
 basicsr's package __init__ files (the whole training stack) are bypassed and cv2, imported but not used
 by these functions, is stubbed.
@@ -39,6 +41,7 @@ SINCS = [{"name": "sinc_7", "cutoff": math.pi / 3, "size": 7}, {"name": "sinc_13
          {"name": "sinc_21", "cutoff": math.pi * 0.9, "size": 21}]
 JPEG_QUALITIES = [30.0, 61.5, 95.0]
 JPEG_HW = (24, 40)  # not a multiple of 16: the zero padding and the crop act
+POISSON_SEED = 11
 
 
 def jpeg_input(seed: int = 5) -> torch.Tensor:
@@ -86,6 +89,9 @@ def regenerate(reference: Path, out: Path) -> None:
             compressed = DiffJPEG(differentiable=False)(image, quality.clone())
         save_file({"image": image, "quality": quality, "jpeg": compressed.contiguous()},
                   str(out / "jpeg.safetensors"))
+        torch.manual_seed(POISSON_SEED)
+        noise = degradations.generate_poisson_noise_pt(image, scale=1.0, gray_noise=0)
+        save_file({"noise": noise.contiguous(), "seed": torch.tensor([POISSON_SEED])}, str(out / "poisson.safetensors"))
     finally:
         for name, module in saved.items():
             if module is None:

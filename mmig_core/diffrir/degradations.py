@@ -221,18 +221,20 @@ def poisson_noise(x, scale_range, gray_prob, generator):
     b = x.shape[0]
     scale = _uniform(*scale_range, b, generator, x.device).to(x)[:, None, None, None]
     gray = (torch.rand(b, generator=generator) < gray_prob).to(x)[:, None, None, None]
-
-    def shot(img):
-        img = (img * 255).round().clamp(0, 255) / 255
-        vals = torch.tensor([2.0 ** math.ceil(math.log2(len(torch.unique(i)))) for i in img],
-                            dtype=img.dtype)[:, None, None, None]
-        counts = torch.poisson((img.cpu() * vals), generator=generator)
-        return (counts / vals).to(img) - img
-
-    noise = shot(x)
+    noise = shot_noise(x, generator)
     if bool(gray.any()):
-        noise = noise * (1 - gray) + shot(_to_gray(x)).expand_as(noise) * gray
+        noise = noise * (1 - gray) + shot_noise(_to_gray(x), generator).expand_as(noise) * gray
     return noise * scale
+
+
+def shot_noise(img, generator):
+    """Unscaled Poisson noise of basicsr's `generate_poisson_noise_pt`: the 8-bit image as counts of
+    2^ceil(log2(its number of distinct values)) levels, Poisson-sampled, minus the image."""
+    img = (img * 255).round().clamp(0, 255) / 255
+    vals = torch.tensor([2.0 ** math.ceil(math.log2(len(torch.unique(i)))) for i in img],
+                        dtype=img.dtype)[:, None, None, None]
+    counts = torch.poisson(img.cpu() * vals, generator=generator)
+    return (counts / vals).to(img) - img
 
 
 def random_noise(x, gaussian_prob, sigma_range, poisson_range, gray_prob, generator):

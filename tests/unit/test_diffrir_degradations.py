@@ -178,3 +178,12 @@ def test_jpeg_equals_basicsrs_diffjpeg_without_differentiable_rounding():
     print(f"JPEG vs basicsr DiffJPEG: max abs diff {(ours - fixture['jpeg']).abs().max():.3g}")
     torch.testing.assert_close(ours, fixture["jpeg"], atol=1e-5, rtol=0)
     assert (fixture["jpeg"] - fixture["image"]).abs().mean() > 1e-3  # it did compress
+
+
+def test_poisson_noise_equals_basicsrs_on_the_same_seed():
+    from safetensors.torch import load_file
+    image = load_file(str(BASICSR / "jpeg.safetensors"))["image"]
+    fixture = load_file(str(BASICSR / "poisson.safetensors"))
+    ours = d.shot_noise(image, torch.Generator().manual_seed(int(fixture["seed"])))
+    assert fixture["noise"].abs().max() > 0
+    torch.testing.assert_close(ours, fixture["noise"], atol=1e-6, rtol=0)
