@@ -89,7 +89,8 @@ def official_checkpoint(entry: dict, fixture_buffers: dict | None = None) -> dic
 
 
 def manifest_entry(variant: str) -> dict:
-    """One config of the committed manifest: published "x1", "x2", "x4", or "small_x2" (tiny widths, x2 layout)."""
+    """One config of the committed manifest: published "x1", "x2", "x4"; "small_x2" (tiny widths, x2 layout) and
+    "small_s1" (the stage-one DiffRIRS1 at tiny widths)."""
     return json.loads((FIXTURES / "manifest.json").read_text())[variant]
 
 
@@ -194,9 +195,12 @@ def regenerate(reference: Path, out: Path) -> None:
         # The forward fixture's small widths at scale 2: a cheap checkpoint of the x2 layout for the host test.
         configs["small_x2"] = {"source": "the forward fixture's small config at scale 2",
                                "kwargs": {**SMALL, "scale": 2}}
-        for entry in configs.values():
+        configs["small_s1"] = {"source": "DiffRIRS1 (the stage-one teacher) at the forward fixture's small config",
+                               "kwargs": dict(SMALL)}
+        from DiffRIR.archs.S1_arch import DiffRIRS1
+        for name, entry in configs.items():
             torch.manual_seed(0)
-            entry.update(_manifest(DiffRIRS2(**entry["kwargs"])))
+            entry.update(_manifest((DiffRIRS1 if name == "small_s1" else DiffRIRS2)(**entry["kwargs"])))
         (out / "manifest.json").write_text(_compact_json(configs))
 
         # The forward fixture: a small DiffRIRS2 through the official inference steps.

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from devtools.conformance.diffrir import FIXTURES, official_checkpoint, small_official_checkpoint
+from devtools.conformance.diffrir import FIXTURES, manifest_entry, official_checkpoint, small_official_checkpoint
 from mmig_core.diffrir import load_diffrir, restore_images
 from mmig_core.model_files import ModelFilesError
 
@@ -109,14 +109,13 @@ def test_the_readme_conversion_works_on_shared_memory_tensors(tmp_path, official
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda s: {k: v for k, v in s.items() if not k.startswith(("denoise.", "diffusion."))},
-     "stage-one DiffRIRS1 teacher"),
-    (lambda s: {"conv_first.weight": torch.zeros(64, 3, 3, 3), "body.0.rdb1.conv1.weight": torch.zeros(32, 64, 3, 3)},
-     "its keys start with body, conv_first"),
+@pytest.mark.parametrize("state, message", [
+    (lambda: official_checkpoint(manifest_entry("small_s1")), "stage-one DiffRIRS1 teacher"),
+    (lambda: {"conv_first.weight": torch.zeros(64, 3, 3, 3), "body.0.rdb1.conv1.weight": torch.zeros(32, 64, 3, 3)},
+     "its keys start with body, conv_first"),  # an RRDBNet (Real-ESRGAN) state dict
 ])
-def test_other_architectures_name_what_was_found_and_what_is_accepted(tmp_path, edit, message):
-    torch.save({"params_ema": edit(small_official_checkpoint())}, tmp_path / "other.pth")
+def test_other_architectures_name_what_was_found_and_what_is_accepted(tmp_path, state, message):
+    torch.save({"params_ema": state()}, tmp_path / "other.pth")
     with pytest.raises(ModelFilesError) as error:
         load_diffrir(tmp_path / "other.pth")
     assert message in str(error.value) and "accepted: the official DiffRIRS2 x1 checkpoint" in str(error.value)
