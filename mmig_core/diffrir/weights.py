@@ -143,9 +143,10 @@ def infer_official_config(state: dict) -> DiffRIRConfig:
     dim, in_channels = embed.shape[0], embed.shape[1]
     if in_channels != 96 or not any(k.startswith("denoise.") for k in state):
         found = OFFICIAL_SCALES.get(in_channels) if any(k.startswith("denoise.") for k in state) else None
-        what = f"{found} [{describe_official(state)}]" if found else describe_official(state)
-        raise ModelFilesError(f"this official DiffRIR checkpoint is {what}; the pack restores at the image's own "
-                              f"size only ({ACCEPTED}).")
+        if found:
+            raise ModelFilesError(f"this official DiffRIR checkpoint is {found} [{describe_official(state)}]; the "
+                                  f"pack restores at the image's own size only ({ACCEPTED}).")
+        raise ModelFilesError(f"this checkpoint is not one the pack can run: {describe_official(state)} ({ACCEPTED}).")
     image_channels = state["G.tail.1.weight"].shape[0]
     unshuffle = int(round((in_channels / (2 * image_channels)) ** 0.5))
     widths = [dim * 2 ** level for level in range(4)]
