@@ -14,8 +14,9 @@ Writes into tests/conformance/diffrir/:
   training options (`options/train_DiffRIRS2_x1.yml`), as the YAML writes them.
 
 The readers below (`official_checkpoint`, `small_official_checkpoint`, `manifest_entry`) build checkpoints
-in the official layout from these facts, for the tests. Only the reference's arch code runs; basicsr (a training dependency it imports for a registry and
-image helpers) and cv2 are stubbed, since neither is needed to build the network or run its forward.
+in the official layout from these facts, for the tests. Only the reference's arch code runs; basicsr (a
+training dependency it imports for a registry and image helpers) and cv2 are stubbed, since neither is
+needed to build the network or run its forward.
 """
 from __future__ import annotations
 

@@ -74,7 +74,8 @@ def test_the_pipeline_runs_both_rounds_and_both_final_orders(monkeypatch):
     recorder = Recorder(monkeypatch)
     h, w = 48, 40
     x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
-    orders, second_blur, final_sinc, second_sizes, n = {"resize_sinc_then_jpeg": 0, "jpeg_then_resize_sinc": 0}, 0, 0, [], 300
+    orders = {"resize_sinc_then_jpeg": 0, "jpeg_then_resize_sinc": 0}
+    second_blur, final_sinc, second_sizes, n = 0, 0, [], 300
     for seed in range(n):
         log = recorder.run(x, seed)
         kinds = [step[0] for step in log]
@@ -156,7 +157,8 @@ def test_the_sinc_kernel_is_a_circular_low_pass():
     assert response[0, 0] > 0.99 and response[10, 10] < 0.05  # passes DC, stops the highest frequency
 
 
-BASICSR = Path(__file__).parents[1] / "conformance" / "diffrir_basicsr"  # python -m devtools.conformance diffrir_basicsr
+# Written by python -m devtools.conformance diffrir_basicsr --reference <checkout of XPixelGroup/BasicSR>
+BASICSR = Path(__file__).parents[1] / "conformance" / "diffrir_basicsr"
 
 
 def test_kernels_equal_basicsrs():
