@@ -28,15 +28,9 @@ def reference_tree(path: Path):
     path = Path(path).resolve()
     if (path / "HEAD").is_file() and (path / "objects").is_dir():
         with tempfile.TemporaryDirectory(prefix="mmig-reference-") as tmp:
-            git = ["git", "--git-dir", str(path)]
-            archive = subprocess.run([*git, "archive", "HEAD"], capture_output=True)
-            if archive.returncode != 0:  # a mirror may lack some large blobs (figures): take the files it has
-                names = subprocess.run([*git, "ls-tree", "-r", "--name-only", "-z", "HEAD"], check=True,
-                                       capture_output=True).stdout.decode().split("\0")
-                present = [n for n in names if n and subprocess.run([*git, "cat-file", "-e", f"HEAD:{n}"],
-                                                                    capture_output=True).returncode == 0]
-                archive = subprocess.run([*git, "archive", "HEAD", "--", *present], check=True, capture_output=True)
-            with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            archive = subprocess.run(["git", "--git-dir", str(path), "archive", "HEAD"], check=True,
+                                     capture_output=True).stdout
+            with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
                 tar.extractall(tmp, filter="data")
             yield Path(tmp)
     elif path.is_dir():
