@@ -29,7 +29,7 @@ DetectFn = Callable[[object, list], list]  # (PIL image, nouns) -> [Detection]
 @dataclass(frozen=True)
 class BootstrapConfig:
     shard_size: int = 1000  # input pairs per shard
-    seed: int = 0
+    seed: int = 0  # draws nothing since format 2 (the head swap moved to train time); kept for old command lines
     min_area: int = 150 * 150
     max_area_fraction: float = 0.75
     max_crops: int = MAX_CROPS
