@@ -55,11 +55,11 @@ def sample_generator(sample_seed: int) -> torch.Generator:
     return torch.Generator().manual_seed((sample_seed + HEAD_SEED_OFFSET) % 2**63)
 
 
-def draw_realistic(count: int = 2000, seed: int = 0, min_area: int = HEAD_MIN_AREA):
+def draw_realistic(count: int = 2000, seed: int = 0, min_area: int = HEAD_MIN_AREA, detected_fraction: float = 0.5):
     """Bootstrap each realistic person (select_crops records its head box), then draw it once as a training
     sample would. Returns (stats, per-draw rows of (head area, kind drawn))."""
     stats, rows = Counter(), []
-    for i, detections in enumerate(realistic_people(count, seed)):
+    for i, detections in enumerate(realistic_people(count, seed, detected_fraction)):
         crop = select_crops(MATCHER.first_occurrences(CAPTION), detections, IMAGE_SIDE, IMAGE_SIDE)[0]
         assert crop.kind == "person" and crop.head_box is not None
         x0, y0, x1, y1 = crop.box
@@ -71,9 +71,14 @@ def draw_realistic(count: int = 2000, seed: int = 0, min_area: int = HEAD_MIN_AR
     return stats, rows
 
 
-def effective_rates(count: int = 2000, seed: int = 0, min_area: int = HEAD_MIN_AREA) -> dict:
-    """The numbers the issue note reports: swap rate over all person crops and among heads large enough."""
-    stats, rows = draw_realistic(count, seed, min_area)
+def effective_rates(count: int = 2000, seed: int = 0, min_area: int = HEAD_MIN_AREA,
+                    detected_fraction: float = 0.5) -> dict:
+    """The numbers the issue note reports: swap rate over all person crops and among heads large enough.
+
+    python -c "import sys; sys.path.insert(0, 'tests/unit'); import test_training_data_heads as t; \
+               print(t.effective_rates(2000))"
+    """
+    stats, rows = draw_realistic(count, seed, min_area, detected_fraction)
     large = [kind for area, kind in rows if area >= min_area]
     return {"draws": count, "effective_rate": stats["head_swaps"] / stats["person_crops"],
             "large_enough": len(large) / count, "rate_among_large": large.count("head") / max(len(large), 1),
