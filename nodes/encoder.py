@@ -239,7 +239,8 @@ class MMIG_MUMUEncode:
 
 class MMIG_MLLMDescribe:
     DESCRIPTION = ("The multimodal LLM answers an image + instruction (MMIG Eq. 1: z_d = f_mllm(x, w)). In LLMGA mode "
-                   "it writes a detailed generation prompt between <gen_image> tags (or <gen_img>), which is extracted. "
+                   "it writes a detailed generation prompt between <gen_image> tags (or <gen_img>), which is "
+                   "extracted. "
                    "An LLMGA checkpoint is asked in its released format (its system prompt asks for the tags, the user "
                    "turn is a task template); other VLMs get the pack's own request sentence. Long descriptions are "
                    "fine: CLIP Text Encode encodes them in 77-token chunks.")

@@ -75,8 +75,8 @@ def _extraction_block(script: str) -> str:
 
 def _conversation_mode_rule(script: str) -> dict:
     """The CLI's `if '<name part>' in model_name.lower(): conv_mode = "<mode>"` chain, in order."""
-    pairs = re.findall(r"""if\s+['"]([^'"]+)['"]\s+in\s+model_name\.lower\(\):\s*\n\s*conv_mode\s*=\s*["']([^"']+)["']""",
-                       script)
+    pairs = re.findall(r"""if\s+['"]([^'"]+)['"]\s+in\s+model_name\.lower\(\):\s*\n"""
+                       r"""\s*conv_mode\s*=\s*["']([^"']+)["']""", script)
     default = re.search(r"""else:\s*\n\s*conv_mode\s*=\s*["']([^"']+)["']""", script)
     return {"rules": [list(p) for p in pairs], "default": default.group(1) if default else None}
 
