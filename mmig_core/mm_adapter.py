@@ -1,22 +1,24 @@
 """MM-Adapter (MMIG Eq. 6), laid out and placed as LaVIN's `RepAdapter_Router` (luogen1996/LaVIN,
-lavin/mm_adapter.py, its `attn` placement):
+lavin/mm_adapter.py, its `attn` placement, the one LaVIN trains):
 
     Z' = Z + s * (w_0 f_up0(drop(f_down(Z))) + w_1 f_up1(drop(f_down(Z)))),   w = softmax(W_r z_0 / tau)
 
 Z is the attention input of a decoder layer, after its input norm; the layer's residual stream is left alone
 (the attention's output is added to the un-adapted hidden states, as in LaVIN). f_down is ONE 1x1 convolution
 shared by both experts (LaVIN's conv_A), each expert has its own grouped 1x1 up-convolution (conv_B, conv_D),
-dropout 0.1 sits on the shared bottleneck (training only). The router reads z_0, the first token of Z, and
-nothing else, so position i never sees a later token: the language model stays causal. At prefill the routing
-is computed and held; every decoded token reuses it (LaVIN's `cache_weights`), so cached decoding equals an
-uncached pass over the whole sequence.
+dropout 0.1 sits on the shared bottleneck (training only).
 
-LaVIN puts a learned modality embedding (index 1: the input holds an image, 0: text only) in front of the
-sequence, so z_0 tells the router which modality it serves. The pack ADDS that embedding to the first token
-(BOS) instead of prepending a token, so the host model's sequence length, positions, masks and `generate`
-stay as they are. It starts at zero (LaVIN: N(0, 1)) and so do the up-convolutions, so an untrained
-MM-Adapter is an exact identity. LaVIN computes its routing in fp16 under autocast; the pack computes it in
-the adapter's dtype.
+z_0 is LaVIN's "decision token": a learned modality embedding (index 1: the input holds an image, 0: text
+only) that LaVIN puts at position 0 and masks out of every other token's attention, so it only steers the
+router. Its state at each layer depends on the modality alone, and the pack computes it that way: at each
+prefill (or uncached pass) the two modality embeddings go through the decoder layers as a one-token sequence
+at position 0 (the adapters routing on it, as in LaVIN), which gives every layer's routing per modality; the
+input's rows take theirs by whether they hold the image token, and every decoded token reuses it (LaVIN's
+`cache_weights`). No token reads a later one, so the language model stays causal, and cached decoding equals
+an uncached pass. Where the pack differs: it does not put the decision token into the host model's sequence
+(same result: no token attends to it), so positions, masks and `generate` stay the host's; LaVIN rounds the
+routing weights to fp16 (autocast), the pack keeps the adapter's dtype. The up-convolutions start at zero, so
+an untrained MM-Adapter is an exact identity.
 
 Key names (pack <- LaVIN): `adapters.{i}.down` <- `layers.{i}.adapter_attn.conv_A`, `.up.0` <- `.conv_B`,
 `.up.1` <- `.conv_D`, `.router` <- `.expert_weights`, `modality_embedding` <- `adapter_modality_embedding`.
@@ -74,7 +76,8 @@ class MMAdapter(nn.Module):
         for up in self.up:
             nn.init.zeros_(up.weight)
             nn.init.zeros_(up.bias)
-        self.held: torch.Tensor | None = None  # the routing of the last prefill, reused while decoding
+        self.by_modality: torch.Tensor | None = None  # [2, 2]: the routing of a text-only and an image input
+        self.held: torch.Tensor | None = None  # [B, 2]: the routing of the last prefill, reused while decoding
 
     def route(self, first_token: torch.Tensor) -> torch.Tensor:
         """w [B, 2]: the experts' mixing weights, from the first token [B, D] of the attention input."""
@@ -98,9 +101,9 @@ class MMAdapterSet(nn.Module):
         self.config = config
         self.adapters = nn.ModuleList(MMAdapter(config.dim, config.hidden, config.groups, config.scale,
                                                 config.temperature, config.dropout) for _ in range(config.num_layers))
-        self.modality_embedding = nn.Embedding(2, config.dim)
-        nn.init.zeros_(self.modality_embedding.weight)
+        self.modality_embedding = nn.Embedding(2, config.dim)  # LaVIN's decision token (N(0, 1) at init, as there)
         self.image_rows: torch.Tensor | None = None  # which rows of the current input hold an image
+        self.deciding = False  # True while the decision tokens go through the layers
 
 
 def _cache_of(kwargs: dict):
@@ -120,9 +123,8 @@ def _is_prefill(kwargs: dict, layer_idx: int | None = None) -> bool:
 
 
 def attach_mm_adapters(text_model: nn.Module, adapter_set: MMAdapterSet, image_token_id: int | None = None) -> list:
-    """Attach adapter i to the self-attention input of `text_model.layers[i]` and the modality embedding to the
-    first input embedding; returns the hook handles (to detach). `image_token_id` marks the rows that hold an
-    image (None: every input counts as text only)."""
+    """Attach adapter i to the self-attention input of `text_model.layers[i]`; returns the hook handles (to
+    detach). `image_token_id` marks the rows that hold an image (None: every input counts as text only)."""
     layers = list(text_model.layers)
     if len(layers) != len(adapter_set.adapters):
         raise ValueError(f"the MM-Adapter file has {len(adapter_set.adapters)} adapters but the language model has "
@@ -130,39 +132,34 @@ def attach_mm_adapters(text_model: nn.Module, adapter_set: MMAdapterSet, image_t
     if any(getattr(layer, "self_attn", None) is None for layer in layers):
         raise ValueError(f"the decoder layers of {type(text_model).__name__} have no `self_attn`: the MM-Adapter "
                          f"sits on the attention input and supports Llama/Mistral-style layers only")
-    handles = [text_model.get_input_embeddings().register_forward_hook(
-        lambda _m, args, _out: _note_image_rows(adapter_set, args[0], image_token_id))]
+    embeddings = text_model.get_input_embeddings()
+    handles = [embeddings.register_forward_hook(
+        lambda _m, args, _out: _note_image_rows(adapter_set, args[0] if args else None, image_token_id))]
 
-    def add_modality(_module, args, kwargs):
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:  # called with input_ids: embed them here so the first token can carry the modality
-            input_ids = kwargs.pop("input_ids", None)
-            if input_ids is None and args:
-                input_ids, args = args[0], args[1:]
-            if input_ids is None:
-                return None
-            embeds = text_model.get_input_embeddings()(input_ids)
+    def decide(_module, args, kwargs):
+        if kwargs.get("input_ids") is not None or (args and torch.is_tensor(args[0]) and not args[0].is_floating_point()):
+            _note_image_rows(adapter_set, kwargs.get("input_ids", args[0] if args else None), image_token_id)
         rows, adapter_set.image_rows = adapter_set.image_rows, None
-        if _is_prefill(kwargs):
-            if rows is None or rows.shape[0] != embeds.shape[0]:
-                rows = torch.zeros(embeds.shape[0], dtype=torch.long, device=embeds.device)
-            modality = adapter_set.modality_embedding(rows.to(embeds.device)).to(embeds.dtype)
-            embeds = torch.cat([embeds[:, :1] + modality[:, None], embeds[:, 1:]], dim=1)
-        kwargs["inputs_embeds"] = embeds
-        return args, kwargs
+        if not _is_prefill(kwargs):
+            return None
+        _run_decision_tokens(text_model, layers, adapter_set)
+        batch = _batch_size(args, kwargs)
+        if rows is None or rows.shape[0] != batch:
+            rows = torch.zeros(batch, dtype=torch.long)
+        for adapter in adapter_set.adapters:
+            adapter.held = adapter.by_modality[rows.to(adapter.by_modality.device)]
+        return None
 
-    handles.append(text_model.register_forward_pre_hook(add_modality, with_kwargs=True))
+    handles.append(text_model.register_forward_pre_hook(decide, with_kwargs=True))
     for layer, adapter in zip(layers, adapter_set.adapters):
-        attention = layer.self_attn
-
-        def adapt(_module, args, kwargs, adapter=adapter, layer_idx=getattr(attention, "layer_idx", None)):
+        def adapt(_module, args, kwargs, adapter=adapter):
             z = args[0] if args else kwargs["hidden_states"]
-            if _is_prefill(kwargs, layer_idx):
+            if adapter_set.deciding:  # the decision token routes on itself (LaVIN's x[:, 0])
                 weights = adapter.route(z[:, 0])
-                adapter.held = weights.detach()
+                adapter.by_modality = weights
             elif adapter.held is None or adapter.held.shape[0] != z.shape[0]:
-                raise RuntimeError("MM-Adapter: a cached decoding step came without its prefill (or with another "
-                                   "batch size): run the prompt through the model first")
+                raise RuntimeError("MM-Adapter: the decoder layers ran without the language model's prefill (or "
+                                   "with another batch size): call the model, not its layers")
             else:
                 weights = adapter.held
             z = adapter(z, weights)
@@ -170,8 +167,33 @@ def attach_mm_adapters(text_model: nn.Module, adapter_set: MMAdapterSet, image_t
                 return (z, *args[1:]), kwargs
             kwargs["hidden_states"] = z
             return args, kwargs
-        handles.append(attention.register_forward_pre_hook(adapt, with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_pre_hook(adapt, with_kwargs=True))
     return handles
+
+
+def _batch_size(args, kwargs) -> int:
+    for value in (kwargs.get("inputs_embeds"), kwargs.get("input_ids"), *(a for a in args if torch.is_tensor(a))):
+        if value is not None:
+            return value.shape[0]
+    raise ValueError("MM-Adapter: the language model was called without input_ids or inputs_embeds")
+
+
+def _run_decision_tokens(text_model: nn.Module, layers: list, adapter_set: MMAdapterSet) -> None:
+    """Both modality embeddings through the decoder layers as one-token sequences at position 0 (they attend to
+    themselves only, as LaVIN's masked decision token does); each adapter records the routing they give."""
+    table = adapter_set.modality_embedding.weight
+    parameter = next(text_model.parameters())
+    h = table[:, None].to(parameter.device, parameter.dtype)  # [2, 1, D]
+    position_ids = torch.zeros(2, 1, dtype=torch.long, device=h.device)
+    rotary = getattr(text_model, "rotary_emb", None)
+    extra = {"position_embeddings": rotary(h, position_ids)} if rotary is not None else {}
+    adapter_set.deciding = True
+    try:
+        for layer in layers:
+            out = layer(h, attention_mask=None, position_ids=position_ids, **extra)
+            h = out[0] if isinstance(out, tuple) else out
+    finally:
+        adapter_set.deciding = False
 
 
 def _note_image_rows(adapter_set: MMAdapterSet, input_ids, image_token_id: int | None) -> None:

@@ -114,29 +114,32 @@ def test_adapter_rewrites_the_attention_input_after_the_norm_not_the_residual_st
         for h in hooks:
             h.remove()
     normed = seen["normed"]
-    torch.testing.assert_close(seen["attn_in"], adapter(normed, adapter.route(normed[:, 0])))
+    torch.testing.assert_close(seen["attn_in"], adapter(normed, adapter.held))
     assert not torch.allclose(seen["attn_in"], normed)
     torch.testing.assert_close(seen["h"], seen["x"] + seen["attn_out"])  # the residual is the un-adapted input
 
 
-def test_modality_embedding_tells_text_from_image_inputs(vlm_with_adapter):
-    vlm, table = vlm_with_adapter, vlm_with_adapter.model.mm_adapters.modality_embedding.weight
-    bos = vlm.model.get_input_embeddings().weight[vlm.processor.tokenizer.bos_token_id]
+def test_the_decision_token_routes_text_and_image_inputs_and_never_enters_the_sequence(vlm_with_adapter):
+    vlm, adapters = vlm_with_adapter, vlm_with_adapter.model.mm_adapters
     seen = {}
-    # registered after the adapter's own pre-hook, so it sees the embeddings the decoder stack gets
     hook = vlm.model.model.text_model.register_forward_pre_hook(
         lambda m, a, k: seen.__setitem__("embeds", k["inputs_embeds"].clone()), with_kwargs=True)
+    held = {}
     try:
         with torch.no_grad():
             for prompt, index in ((image_prompt(), 1), (build_prompt("a dog on the grass", {}), 0)):
                 inputs = chat_inputs(vlm, prompt)
-                assert inputs["input_ids"][0, 0] == vlm.processor.tokenizer.bos_token_id
                 vlm.model(**inputs, use_cache=False)
-                torch.testing.assert_close(seen["embeds"][0, 0], bos + table[index])
-                plain = vlm.model.get_input_embeddings()(inputs["input_ids"][:, 1:5])
-                torch.testing.assert_close(seen["embeds"][0, 1:5], plain[0])  # only the first token carries it
+                # the host model's own embeddings: the modality embedding is not added to any token
+                text_rows = inputs["input_ids"][0] != vlm.model.config.image_token_id
+                plain = vlm.model.get_input_embeddings()(inputs["input_ids"])
+                torch.testing.assert_close(seen["embeds"][0, text_rows], plain[0, text_rows], rtol=0, atol=0)
+                held[index] = [a.held.clone() for a in adapters.adapters]
+                for adapter, weights in zip(adapters.adapters, held[index]):
+                    torch.testing.assert_close(weights[0], adapter.by_modality[index])
     finally:
         hook.remove()
+    assert all(not torch.allclose(i, t) for i, t in zip(held[1], held[0]))
 
 
 def test_position_i_never_sees_a_later_token(vlm_with_adapter):
