@@ -151,8 +151,12 @@ def attach_mm_adapters(text_model: nn.Module, adapter_set: MMAdapterSet, image_t
         return None
 
     handles.append(text_model.register_forward_pre_hook(decide, with_kwargs=True))
-    # a call with input_ids embeds them inside: forget what that noted, so no later call reads it
-    handles.append(text_model.register_forward_hook(lambda *_: setattr(adapter_set, "image_rows", None)))
+    def after(*_):
+        adapter_set.image_rows = None  # a call with input_ids embeds them inside: no later call may read that
+        for adapter in adapter_set.adapters:  # decoding needs the values only, not a training step's graph
+            adapter.held = None if adapter.held is None else adapter.held.detach()
+
+    handles.append(text_model.register_forward_hook(after))
     for layer, adapter in zip(layers, adapter_set.adapters):
         def adapt(_module, args, kwargs, adapter=adapter):
             z = args[0] if args else kwargs["hidden_states"]

@@ -186,3 +186,18 @@ def test_a_file_in_the_old_layout_says_how_to_retrain(tmp_path):
     with pytest.raises(ModelFilesError, match=r"layout version 1.*python -m training mmig --config "
                                               r"training/configs/mmig_stage2\.yaml"):
         load_mm_adapters(path)
+
+
+def test_every_adapter_weight_trains_through_the_vlm(tiny_models, tmp_path):
+    """Stage 2 back-propagates L_MMT into the routers and the decision token too, not only the experts."""
+    path = save_mm_adapters(trained_set(seed=1), tmp_path / "trained.safetensors")
+    vlm = load_vlm(tiny_models / TINY_IDEFICS2, mm_adapter_path=path)
+    vlm.model.requires_grad_(False)
+    adapters = vlm.model.mm_adapters.requires_grad_(True).train()
+    logits = vlm.model(**chat_inputs(vlm, image_prompt()), use_cache=False).logits
+    logits.float().pow(2).mean().backward()
+    no_grad = [n for n, p in adapters.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == [], no_grad
+    # an image prompt routes on the image row of the decision token only
+    assert adapters.modality_embedding.weight.grad[1].abs().sum() > 0
+    assert adapters.modality_embedding.weight.grad[0].abs().sum() == 0
