@@ -137,8 +137,9 @@ def attach_mm_adapters(text_model: nn.Module, adapter_set: MMAdapterSet, image_t
         lambda _m, args, _out: _note_image_rows(adapter_set, args[0] if args else None, image_token_id))]
 
     def decide(_module, args, kwargs):
-        if kwargs.get("input_ids") is not None or (args and torch.is_tensor(args[0]) and not args[0].is_floating_point()):
-            _note_image_rows(adapter_set, kwargs.get("input_ids", args[0] if args else None), image_token_id)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if torch.is_tensor(input_ids) and not input_ids.is_floating_point():  # called with ids: note them here
+            _note_image_rows(adapter_set, input_ids, image_token_id)
         rows, adapter_set.image_rows = adapter_set.image_rows, None
         if not _is_prefill(kwargs):
             return None
@@ -151,10 +152,12 @@ def attach_mm_adapters(text_model: nn.Module, adapter_set: MMAdapterSet, image_t
         return None
 
     handles.append(text_model.register_forward_pre_hook(decide, with_kwargs=True))
+
     def after(*_):
         adapter_set.image_rows = None  # a call with input_ids embeds them inside: no later call may read that
         for adapter in adapter_set.adapters:  # decoding needs the values only, not a training step's graph
             adapter.held = None if adapter.held is None else adapter.held.detach()
+            adapter.by_modality = None if adapter.by_modality is None else adapter.by_modality.detach()
 
     handles.append(text_model.register_forward_hook(after))
     for layer, adapter in zip(layers, adapter_set.adapters):
@@ -210,7 +213,8 @@ def _note_image_rows(adapter_set: MMAdapterSet, input_ids, image_token_id: int |
 
 
 def save_mm_adapters(adapter_set: MMAdapterSet, path: str | os.PathLike) -> Path:
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": json.dumps(asdict(adapter_set.config))}
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
+                "config": json.dumps(asdict(adapter_set.config))}
     return save_safetensors_atomic(adapter_set.state_dict(), path, metadata)
 
 

@@ -185,7 +185,7 @@ def regenerate(reference: Path, out: Path) -> None:
         keys = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in manifest.pop("keys").items())
         head = json.dumps(manifest, indent=1)[:-2]
         (out / "manifest.json").write_text(f"{head},\n \"keys\": {{\n{keys}\n }}\n}}\n")
-        save_file({k: v.contiguous() for k, v in _adapter_fixture(mm_adapter).items()}, str(out / "adapter.safetensors"),
-                  metadata={"config": json.dumps(ADAPTER)})
+        save_file({k: v.contiguous() for k, v in _adapter_fixture(mm_adapter).items()},
+                  str(out / "adapter.safetensors"), metadata={"config": json.dumps(ADAPTER)})
         save_file({k: v.contiguous() for k, v in _blocks_fixture(model, mm_adapter).items()},
                   str(out / "blocks.safetensors"), metadata={"config": json.dumps(BLOCKS)})

@@ -49,7 +49,8 @@ def test_pack_keys_and_shapes_are_lavin_7b_s():
                                             temperature=config["temperature"]))
     pack_shapes = {k: list(v.shape) for k, v in pack.state_dict().items()}
     lavin_shapes = {pack_key(k): shape for k, shape in manifest["keys"].items()}
-    assert len(lavin_shapes) == len(manifest["keys"]) == 32 * 8 + 1  # conv_A, conv_B, conv_D, expert_weights (weight, bias) per layer
+    # per layer conv_A, conv_B, conv_D, expert_weights (weight and bias each), and the modality embedding
+    assert len(lavin_shapes) == len(manifest["keys"]) == 32 * 8 + 1
     assert pack_shapes == lavin_shapes
 
 

@@ -55,7 +55,8 @@ def test_one_shared_down_projection_two_grouped_ups_and_first_token_routing():
     w = adapter.route(z[:, 0])
     torch.testing.assert_close(w, torch.softmax(adapter.router(z[:, 0]) / 10.0, -1))
     b = adapter.down(z.transpose(1, 2))
-    expected = z + 0.5 * (w[:, 0, None, None] * adapter.up[0](b) + w[:, 1, None, None] * adapter.up[1](b)).transpose(1, 2)
+    mixed = w[:, 0, None, None] * adapter.up[0](b) + w[:, 1, None, None] * adapter.up[1](b)
+    expected = z + 0.5 * mixed.transpose(1, 2)
     torch.testing.assert_close(adapter(z), expected)
     later = z.clone()
     later[:, 1:] = torch.randn(3, 4, 16)  # the routing reads the first token only
@@ -90,7 +91,8 @@ def test_attached_to_the_vlm_identity_then_change(tiny_models, tmp_path):
     assert loaded.config == trained.config and not loaded.training
     changed = encode_prompts(load_vlm(folder, mm_adapter_path=path), prompt).hidden_states
     assert not torch.allclose(changed, plain)
-    wrong = save_mm_adapters(MMAdapterSet(MMAdapterConfig(dim=TEXT_HIDDEN, num_layers=3)), tmp_path / "wrong.safetensors")
+    wrong = save_mm_adapters(MMAdapterSet(MMAdapterConfig(dim=TEXT_HIDDEN, num_layers=3)),
+                             tmp_path / "wrong.safetensors")
     with pytest.raises(ModelFilesError, match="3 adapters but the language model has 2"):
         load_vlm(folder, mm_adapter_path=wrong)
 
@@ -100,13 +102,15 @@ def test_adapter_rewrites_the_attention_input_after_the_norm_not_the_residual_st
     layer = decoder_layers(vlm.model)[1]
     adapter = vlm.model.mm_adapters.adapters[1]
     seen = {}
-    hooks = [layer.register_forward_pre_hook(lambda m, a, k: seen.__setitem__("x", (a[0] if a else k["hidden_states"]))
-                                             , with_kwargs=True),
-             layer.input_layernorm.register_forward_hook(lambda m, a, out: seen.__setitem__("normed", out)),
-             layer.self_attn.register_forward_pre_hook(lambda m, a, k: seen.__setitem__("attn_in", k["hidden_states"]),
-                                                       with_kwargs=True),
-             layer.self_attn.register_forward_hook(lambda m, a, out: seen.__setitem__("attn_out", out[0])),
-             layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[0]))]
+
+    def keep(name, pick):
+        return lambda *hook_args: seen.__setitem__(name, pick(*hook_args))
+    first_input = (lambda m, a, k: a[0] if a else k["hidden_states"])  # noqa: E731
+    hooks = [layer.register_forward_pre_hook(keep("x", first_input), with_kwargs=True),
+             layer.input_layernorm.register_forward_hook(keep("normed", lambda m, a, out: out)),
+             layer.self_attn.register_forward_pre_hook(keep("attn_in", first_input), with_kwargs=True),
+             layer.self_attn.register_forward_hook(keep("attn_out", lambda m, a, out: out[0])),
+             layer.post_attention_layernorm.register_forward_pre_hook(keep("h", lambda m, a: a[0]))]
     try:
         with torch.no_grad():
             vlm.model(**chat_inputs(vlm, image_prompt()), use_cache=False)
