@@ -17,8 +17,10 @@ input's rows take theirs by whether they hold the image token, and every decoded
 `cache_weights`). No token reads a later one, so the language model stays causal, and cached decoding equals
 an uncached pass. Where the pack differs: it does not put the decision token into the host model's sequence
 (same result: no token attends to it), so positions, masks and `generate` stay the host's; LaVIN rounds the
-routing weights to fp16 (autocast), the pack keeps the adapter's dtype. The up-convolutions start at zero, so
-an untrained MM-Adapter is an exact identity.
+routing weights to fp16 (autocast), the pack keeps the adapter's dtype; LaVIN's cached generator
+(lavin/generator.py) gives each decoded token a rotary position one less than its training pass does, while the
+pack's positions are the host model's, so its cached decoding equals the uncached (training) pass. The
+up-convolutions start at zero, so an untrained MM-Adapter is an exact identity.
 
 Key names (pack <- LaVIN): `adapters.{i}.down` <- `layers.{i}.adapter_attn.conv_A`, `.up.0` <- `.conv_B`,
 `.up.1` <- `.conv_D`, `.router` <- `.expert_weights`, `modality_embedding` <- `adapter_modality_embedding`.
