@@ -72,15 +72,30 @@ def _vision_geometry(config) -> tuple[int, int]:
     return int(size), int(patch)
 
 
-def decoder_layers(model) -> list:
-    """The language model's decoder layers, wherever the family keeps them."""
+def text_decoder(model):
+    """The language model's decoder stack (the module holding `.layers`), wherever the family keeps it."""
     for path in ("model.text_model", "model.language_model", "language_model", "model"):
         module = model
         for name in path.split("."):
             module = getattr(module, name, None)
         if module is not None and hasattr(module, "layers"):
-            return list(module.layers)
+            return module
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def decoder_layers(model) -> list:
+    """The language model's decoder layers, wherever the family keeps them."""
+    return list(text_decoder(model).layers)
+
+
+def attach_vlm_mm_adapters(model, adapters) -> list:
+    """Attach an MM-Adapter set to a VLM's decoder stack; the image token marks the inputs that hold an image."""
+    from .mm_adapter import attach_mm_adapters
+    config = model.config
+    image_token_id = getattr(config, "image_token_id", None)
+    if image_token_id is None:
+        image_token_id = getattr(config, "image_token_index", None)
+    return attach_mm_adapters(text_decoder(model), adapters, image_token_id)
 
 
 def load_vlm(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, drop_perceiver: bool = False,
@@ -128,14 +143,14 @@ def load_vlm(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
         model.model.connector.perceiver_resampler = PerceiverBypass()
         processor.image_seq_len = (resolution // patch) ** 2
     if mm_adapter_path:
-        from .mm_adapter import attach_mm_adapters, load_mm_adapters
+        from .mm_adapter import load_mm_adapters
         adapters = load_mm_adapters(mm_adapter_path)
         if adapters.config.dim != model.config.get_text_config().hidden_size:
             raise ModelFilesError(f"the MM-Adapter {mm_adapter_path} is for hidden size {adapters.config.dim}, the VLM "
                                   f"in {path} has {model.config.get_text_config().hidden_size}")
         model.mm_adapters = adapters.to(dtype)  # a submodule: it moves with the model between devices
         try:
-            attach_mm_adapters(decoder_layers(model), adapters)
+            attach_vlm_mm_adapters(model, adapters)
         except ValueError as e:
             raise ModelFilesError(str(e)) from None
     tokens = getattr(processor, "image_seq_len", None) or (resolution // patch) ** 2

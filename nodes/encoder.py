@@ -79,8 +79,10 @@ class MMIG_VLMLoader:
         }, "optional": {
             "mm_adapter_name": (["none"] + adapter_files(MM_ADAPTER_FORMAT), {
                 "default": "none",
-                "tooltip": "Optional MM-Adapter weights (MMIG Eq. 6) from ComfyUI/models/mmig/, attached to the "
-                           "language model's layers. An untrained MM-Adapter changes nothing."}),
+                "tooltip": "Optional MM-Adapter (MMIG Eq. 6, laid out as LaVIN's) from ComfyUI/models/mmig/, as MMIG "
+                           "training stage 2 writes it: on each decoder layer's attention input, routed by whether the "
+                           "prompt holds an image. An untrained MM-Adapter changes nothing; a file in the pack's "
+                           "older layout is refused with the command that retrains it."}),
             "lora_name": (["none"] + folder_paths.get_filename_list("loras"), {
                 "default": "none",
                 "tooltip": "Optional LoRA for the VLM from ComfyUI/models/loras/ (peft `base_model.model.…`, "

@@ -178,6 +178,20 @@ def test_untrained_mm_adapter_is_listed_apart_and_changes_nothing(host):
     assert conditioning_info(host.run_graph(with_adapter).check()) == plain
 
 
+def test_mm_adapter_in_the_old_layout_is_refused_with_the_retrain_command_and_the_host_keeps_serving(host):
+    import torch
+
+    from mmig_core.mm_adapter import FORMAT
+    from mmig_core.model_files import save_safetensors_atomic
+    old = {f"adapters.0.experts.{e}.down.weight": torch.zeros(8, 64, 1) for e in range(2)}  # the v1 layout
+    save_safetensors_atomic(old, host.scratch_models / "mmig" / "mm-v1.safetensors",
+                            {"format": FORMAT, "config": '{"dim": 64, "num_layers": 2}'})
+    graph = mumu_graph(sample=False, color=0x556677)
+    graph["4"]["inputs"]["mm_adapter_name"] = "mm-v1.safetensors"
+    result = host.run_graph(graph)
+    assert not result.ok and "layout version 1" in result.error and "python -m training mmig" in result.error
+    assert host.run_graph(mumu_graph(sample=False, color=0x556677)).ok
+
 def test_vlm_lora_changes_the_conditioning_and_strength_zero_does_not(host, tiny_models):
     from devtools.tiny_models import TINY_MUMU_BUNDLE
     loras = host.scratch_models / "loras"
