@@ -79,8 +79,10 @@ class MMIG_VLMLoader:
         }, "optional": {
             "mm_adapter_name": (["none"] + adapter_files(MM_ADAPTER_FORMAT), {
                 "default": "none",
-                "tooltip": "Optional MM-Adapter weights (MMIG Eq. 6) from ComfyUI/models/mmig/, attached to the "
-                           "language model's layers. An untrained MM-Adapter changes nothing."}),
+                "tooltip": "Optional MM-Adapter (MMIG Eq. 6, laid out as LaVIN's) from ComfyUI/models/mmig/, as MMIG "
+                           "training stage 2 writes it: on each decoder layer's attention input, routed by whether the "
+                           "prompt holds an image. An untrained MM-Adapter changes nothing; a file in the pack's "
+                           "older layout is refused with the command that retrains it."}),
             "lora_name": (["none"] + folder_paths.get_filename_list("loras"), {
                 "default": "none",
                 "tooltip": "Optional LoRA for the VLM from ComfyUI/models/loras/ (peft `base_model.model.…`, "
@@ -239,13 +241,17 @@ class MMIG_MUMUEncode:
 
 class MMIG_MLLMDescribe:
     DESCRIPTION = ("The multimodal LLM answers an image + instruction (MMIG Eq. 1: z_d = f_mllm(x, w)). In LLMGA mode "
-                   "it is asked for a detailed generation prompt between <gen_image> tags (or <gen_img>), which is "
-                   "extracted. Long descriptions are fine: CLIP Text Encode encodes them in 77-token chunks.")
+                   "it writes a detailed generation prompt between <gen_image> tags (or <gen_img>), which is "
+                   "extracted. "
+                   "An LLMGA checkpoint is asked in its released format (its system prompt asks for the tags, the user "
+                   "turn is a task template); other VLMs get the pack's own request sentence. Long descriptions are "
+                   "fine: CLIP Text Encode encodes them in 77-token chunks.")
     CATEGORY = _host.CATEGORY
     RETURN_TYPES = ("STRING", "STRING", "MMIG_LLM_EMBEDS")
     RETURN_NAMES = ("description", "response", "llm_embeds")
     OUTPUT_TOOLTIPS = ("z_d: the description (in LLMGA mode, the prompt between the tags).",
-                       "The model's full response.",
+                       "The model's full response (edit task: both turns, as 'User:'/'Assistant:' lines that "
+                       "history reads).",
                        "e_llm: the language model's hidden states over the response (for MMSM).")
     OUTPUT_NODE = True
     FUNCTION = "describe"
@@ -259,8 +265,9 @@ class MMIG_MLLMDescribe:
                                                             "'<image1> make it winter'."}),
                 "mode": (["describe", "llmga prompt"], {
                     "default": "describe",
-                    "tooltip": "describe: the response is the description. llmga prompt: ask for a generation prompt "
-                               "between <gen_image>...</gen_image> (or <gen_img>) tags and extract it."}),
+                    "tooltip": "describe: the response is the description. llmga prompt: the generation prompt "
+                               "between <gen_image>...</gen_image> (or <gen_img>) tags is extracted (the pack's "
+                               "prompt style also asks for the tags in the user's turn)."}),
                 "when_tags_missing": (["use whole response", "error"], {
                     "default": "use whole response",
                     "tooltip": "LLMGA mode, when the response has no complete tag pair: use the whole response "
@@ -275,20 +282,49 @@ class MMIG_MLLMDescribe:
                 "filename_prefix": ("STRING", {"default": "",
                                                "tooltip": "If set, the description is saved to the output folder as "
                                                           "<prefix>_00001_.txt (subfolders allowed)."}),
+                "prompt_style": (list(llmga_tags.PROMPT_STYLES), {
+                    "default": "auto",
+                    "tooltip": "llmga: the released LLMGA format: the system prompt its checkpoint was trained "
+                               "with (LLMGA's asks for <gen_image> tags) and nothing appended to your turn. pack: no "
+                               "system prompt; in llmga prompt mode the pack's own request for tags is appended. "
+                               "auto: llmga when the model's config is LLaVA-style (the released LLMGA layout) or "
+                               "its folder name says llmga, else pack."}),
+                "task": (list(llmga_tags.TASKS), {
+                    "default": "as written",
+                    "tooltip": "as written: your prompt is the user's turn. similar image / inpaint / outpaint: "
+                               "LLMGA's template ('Generate a similar image.', 'Inpaint this image.', 'Extend this "
+                               "image.') follows the prompt's images (leave the prompt's text empty for the exact "
+                               "released turn). edit: a first turn 'Generate a similar image' with the images, then "
+                               "the prompt's text as the edit instruction (LLMGA's instruction editing)."}),
             },
         }
 
-    def describe(self, vlm, mm_prompt, mode, when_tags_missing, max_new_tokens, history="", filename_prefix=""):
+    def describe(self, vlm, mm_prompt, mode, when_tags_missing, max_new_tokens, history="", filename_prefix="",
+                 prompt_style="auto", task="as written"):
         if len(mm_prompt) != 1:
             raise ValueError(f"MMIG MLLM Describe takes one prompt, got a batch of {len(mm_prompt)}: connect a single "
                              f"MMIG Multimodal Prompt (without 'previous')")
+        if task not in llmga_tags.TASKS:
+            raise ValueError(f"task must be one of {', '.join(llmga_tags.TASKS)}, got {task!r}")
         llmga = mode == "llmga prompt"
+        style = llmga_tags.resolve_prompt_style(prompt_style, vlm.vlm.model.config.to_dict(), vlm.name)
+        system = llmga_tags.system_prompt(vlm.name) if style == "llmga" else ""
+        suffix = llmga_tags.GENERATION_REQUEST if llmga and style == "pack" else ""
         _host.load_to_device(vlm.patcher)
         _host.throw_if_interrupted()
-        progress = _host.progress_bar(1)
-        response, embeds = core.describe(vlm.vlm, mm_prompt[0], history=history, max_new_tokens=max_new_tokens,
-                                         suffix=llmga_tags.GENERATION_REQUEST if llmga else "")
-        progress.update(1)
+        progress = _host.progress_bar(2 if task == "edit" else 1)
+        if task == "edit":
+            first, response, embeds = core.describe_edit(
+                vlm.vlm, mm_prompt[0], llmga_tags.EDIT_FIRST_TURN, history=history, suffix=suffix,
+                max_new_tokens=max_new_tokens, system=system)
+            exchange = (f"User: {llmga_tags.EDIT_FIRST_TURN}\nAssistant: {first}\n"
+                        f"User: {core.edit_instruction(mm_prompt[0])}\nAssistant: {response}")
+        else:
+            response, embeds = core.describe(vlm.vlm, mm_prompt[0], history=history, max_new_tokens=max_new_tokens,
+                                             suffix=suffix, system=system,
+                                             template=llmga_tags.TASK_TEMPLATES.get(task, ""))
+            exchange = response
+        progress.update(2 if task == "edit" else 1)
         description = response
         if llmga:
             description = llmga_tags.extract_generation_prompt(response)
@@ -302,7 +338,7 @@ class MMIG_MLLMDescribe:
         ui = {"text": [description]}
         if filename_prefix:
             ui["description_files"] = [_host.save_text_file(description, filename_prefix)]
-        return {"ui": ui, "result": (description, response, embeds)}
+        return {"ui": ui, "result": (description, exchange, embeds)}
 
 
 NODE_CLASS_MAPPINGS = {
