@@ -144,3 +144,16 @@ def test_a_soft_mask_is_binarised_unless_soft_mask_is_on(host, soft_mask):
     reference = np.array([(REFERENCE_COLOR >> 16) & 255, (REFERENCE_COLOR >> 8) & 255, REFERENCE_COLOR & 255])
     # 0.3 < 0.5: binarised, nothing counts as generated and the reference comes back exactly; soft, 30 % blends in.
     assert (image == reference.astype(np.uint8)).all() != soft_mask
+
+
+def test_the_published_x1_checkpoint_loads_and_runs_in_the_host(host):
+    """Random tensors with exactly the names and shapes of the official network at inference_diffrir.py's config."""
+    import torch
+
+    from devtools.conformance.diffrir import manifest_entry, official_checkpoint
+    target = host.scratch_models / "diffrir" / "DiffRIR-x1-published.pth"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"params": official_checkpoint(manifest_entry("x1"))}, target)
+    graph = restore_graph(target.name, width=40, height=36, seed=40)
+    [image] = saved_images(host, host.run_graph(graph).check())
+    assert image.shape == (36, 40, 3)
