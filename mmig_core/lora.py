@@ -30,6 +30,9 @@ _TOP_LDM_TO_DIFFUSERS = {"input_blocks.0.0": "conv_in", "time_embed.0": "time_em
                          "time_embed.2": "time_embedding.linear_2", "label_emb.0.0": "add_embedding.linear_1",
                          "label_emb.0.2": "add_embedding.linear_2", "out.0": "conv_norm_out", "out.2": "conv_out"}
 _TOP_DIFFUSERS_TO_LDM = {v: k for k, v in _TOP_LDM_TO_DIFFUSERS.items()}
+# The host's key map also names SDXL's label embedding as diffusers' class embedding.
+_CLASS_EMBEDDING = {"label_emb.0.0": "class_embedding.linear_1", "label_emb.0.2": "class_embedding.linear_2"}
+_TOP_DIFFUSERS_TO_LDM.update({v: k for k, v in _CLASS_EMBEDDING.items()})
 
 # Suffixes of the tensors of one LoRA module, per layout.
 _TENSOR_SUFFIXES = ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora.down.weight", "down"),
@@ -123,7 +126,7 @@ def build_key_table(model_keys) -> dict[str, str]:
         module = key[:-len(".weight")]
         if LDM_PREFIX in module:
             ldm = module.split(LDM_PREFIX, 1)[1]
-            aliases = (ldm, ldm_to_diffusers_module(ldm))
+            aliases = (ldm, ldm_to_diffusers_module(ldm), _CLASS_EMBEDDING.get(ldm))
         else:
             aliases = (module, diffusers_to_ldm_module(module, up_with_attention or SDXL_UP_LEVELS_WITH_ATTENTION))
         for alias in aliases:

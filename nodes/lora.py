@@ -21,10 +21,14 @@ def merge_lora(model, state_dict: dict, strength: float, min_matched_fraction: f
     found = host_lora_patches(model, state_dict)
     report = f"{label}\n{found.report()}"
     if not found.applied:
-        what = (f"none of its {found.total} UNet modules can be applied" if found.total else
-                "it holds no UNet modules" + (f" ({len(found.ignored)} text-encoder modules only: use the host's "
-                                              f"Load LoRA with a CLIP for those)" if found.ignored else ""))
-        raise core.LoRAError(f"{label.rstrip(':')}: {what}; the file holds {found.kind}. Supported: LoRA, LoCon, "
+        if found.total:
+            what = f"none of its {found.total} UNet modules can be applied; the file holds {found.kind}"
+        elif found.ignored:
+            what = (f"it holds only text-encoder modules ({len(found.ignored)}): this node merges the UNet; use "
+                    f"the host's Load LoRA with a CLIP for those")
+        else:
+            what = f"it holds no UNet modules but {found.kind}"
+        raise core.LoRAError(f"{label.rstrip(':')}: {what}. Supported: LoRA, LoCon, "
                              f"Tucker LoCon, LoHa, LoKr, DoRA, full and bias diffs, for an SDXL UNet (is it a LoRA "
                              f"for another architecture, e.g. SD1.5? {100 * found.matched_fraction:.1f} % matched, "
                              f"min_matched_fraction {100 * min_matched_fraction:.0f} %). Nothing was merged."
