@@ -142,6 +142,7 @@ def host_lora_patches(model, state_dict: dict) -> HostLoRA:
         dora_key = name + ".dora_scale"
         if unread == [dora_key] and _patch_kind(host_patches[target])[0] in _DORA_FALLBACK_KINDS:
             dora_pending.append((module, target, host_patches[target], state_dict[tensor_keys[dora_key]], kind))
+            result.patches.update({k: host_patches[k] for k in patch_keys if k != target})  # a bias diff as is
             continue
         if unread:
             result.dropped.append((module, "this host's LoRA loader ignores " + ", ".join(unread) +
