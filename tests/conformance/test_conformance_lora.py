@@ -87,6 +87,7 @@ def test_each_format_merges_to_the_weights_the_newest_hosts_loader_gives(host_mo
             difference = (ours[expected["positions"]] - torch.tensor(expected["values"], dtype=torch.float64))
             worst = max(worst, difference.abs().max().item())
             assert ours.sum().item() == pytest.approx(expected["sum"], rel=1e-5, abs=1e-4), (key, strength)
+    print(f"{fmt}: largest difference from the newest host's weights {worst:.3g}")  # shown with pytest -s
     assert worst <= 2e-6, f"{fmt}: largest difference from the newest host {worst:.3g}"
     if fmt == "lokr_tucker":
         assert "DROPPED, not merged (3)" in report and "view size is not compatible" in report
