@@ -205,12 +205,17 @@ def _patch_kind(patch) -> tuple[str, tuple]:
 
 
 class _Records(logging.Handler):
-    def __init__(self):
+    """The host's warnings about one weight key (every such message of the host names the key)."""
+
+    def __init__(self, key: str):
         super().__init__(logging.WARNING)
+        self.key = key
         self.messages = []
 
     def emit(self, record):
-        self.messages.append(record.getMessage())
+        message = record.getMessage()
+        if self.key in message:
+            self.messages.append(message)
 
 
 def _host_calculate(model, patch, weight, key):
@@ -226,7 +231,7 @@ def _trial_failure(model, patch, weight, key) -> str | None:
     """What the host logs when it cannot compute a patch (it skips the layer then, silently for the user), from a
     trial on the meta device, confirmed on real zeros (a few kernels lack meta versions)."""
     for device in ("meta", "cpu"):
-        records = _Records()
+        records = _Records(key)
         root = logging.getLogger()
         root.addHandler(records)
         try:
