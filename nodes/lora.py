@@ -1,4 +1,5 @@
-"""LoRA merging into any SDXL checkpoint (MUMU §5: the MUMU LoRA merges into community fine-tunes)."""
+"""LoRA merging into any SDXL checkpoint through the host's own LoRA loader (MUMU §5: the MUMU LoRA merges into
+community fine-tunes), and the MUMU bundle loader."""
 from __future__ import annotations
 
 import dataclasses

@@ -219,3 +219,19 @@ def test_dora_change_rescales_each_channel_to_its_magnitude(axis):
     if axis == "input":  # W + change has exactly the magnitude dora_scale per input channel
         result = (weight + change).double().transpose(0, 1).flatten(1).norm(dim=1)
         assert torch.allclose(result, scale.double().flatten(), atol=1e-5)
+
+
+def test_the_encoder_lora_and_mmsm_nodes_import_no_other_node_file():
+    """The loaded-model types live in nodes/_loaded.py, so no node file imports another (no import circle)."""
+    import ast
+    shared = {"_host", "_loaded", "_host_lora"}
+    for name in ("encoder", "lora", "mmsm"):
+        tree = ast.parse((REPO_ROOT / "nodes" / f"{name}.py").read_text())
+        siblings = {node.module.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+        siblings |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                     and node.level == 1 and not node.module for alias in node.names}
+        top_level = {node.module.split(".")[0] for node in tree.body
+                     if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+        assert top_level <= shared, (name, top_level)
+        assert siblings - shared <= ({"lora"} if name == "encoder" else set()), (name, siblings)
