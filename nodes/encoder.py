@@ -3,14 +3,14 @@ that writes descriptions (MMIG Eq. 1) and LLMGA generation prompts."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import folder_paths
 
 from . import _host
+from ._loaded import LoadedAdapter, LoadedVLM, adapter_files
 from ..mmig_core import llmga_tags, mm_prompt as prompts, vlm as core
 from ..mmig_core.mm_adapter import FORMAT as MM_ADAPTER_FORMAT
-from ..mmig_core.model_files import ModelFilesError, check_safetensors_file
+from ..mmig_core.model_files import ModelFilesError
 from ..mmig_core.mumu_adapter import FORMAT as MUMU_ADAPTER_FORMAT
 
 log = logging.getLogger("ComfyUI-MMIG")
@@ -20,35 +20,6 @@ ADAPTER_SOURCE = ("MUMU adapters are .safetensors files written by the pack's tr
 MAX_IMAGES = 4
 DTYPES = (["auto", "fp32", "fp16", "bf16"], {
     "default": "auto", "tooltip": "Weight precision. auto: fp16 where the device runs it well, else fp32 (always fp32 on CPU)."})
-
-
-@dataclass
-class LoadedVLM:
-    """The MMIG_VLM value: the model and the host's memory-managed handle on it."""
-    vlm: core.VLM
-    patcher: object
-    name: str
-
-
-@dataclass
-class LoadedAdapter:
-    """The MMIG_ADAPTER value."""
-    adapter: object
-    patcher: object
-    name: str
-
-
-def adapter_files(file_format: str) -> list[str]:
-    """The .safetensors files in models/mmig/ whose metadata says `file_format` (MUMU adapter or MM-Adapter)."""
-    names = []
-    for name in folder_paths.get_filename_list("mmig"):
-        if name.endswith(".safetensors"):
-            try:  # reads the header only
-                if check_safetensors_file(folder_paths.get_full_path("mmig", name)).get("format") == file_format:
-                    names.append(name)
-            except (ModelFilesError, OSError):
-                continue  # a broken file is reported by the loader that reads it, not here
-    return sorted(names)
 
 
 class MMIG_VLMLoader:
@@ -115,7 +86,7 @@ class MMIG_VLMLoader:
         loaded = LoadedVLM(vlm, _host.managed(vlm.model), model_name)
         if lora_name not in (None, "none") and lora_strength != 0:
             from ..mmig_core.lora import load_lora_file
-            from .lora import merge_vlm_lora  # lora.py imports this module: import it here, not at the top
+            from .lora import merge_vlm_lora
             state_dict, _ = load_lora_file(folder_paths.get_full_path("loras", lora_name))
             loaded, report = merge_vlm_lora(loaded, state_dict, lora_strength, min_matched_fraction=0.9)
             logging.info("MMIG VLM Loader: LoRA %s\n%s", lora_name, report)
