@@ -221,9 +221,8 @@ def load_diffrir(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32)
         except Exception as e:
             raise ModelFilesError(
                 f"{path} cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e}); the pack "
-                f"never unpickles other objects. If you trust the file, convert it once, offline: `python -m "
-                f"mmig_core.diffrir.convert IN.pth OUT.safetensors --trust-pickle`, and put the .safetensors in "
-                f"models/diffrir/.") from None
+                f"never unpickles other objects. In the environment that made it, re-save its weights alone "
+                f"(torch.save({{'params_ema': state_dict}}, 'DiffRIR.pth')) and put that file in models/diffrir/.") from None
         state = _unwrap_checkpoint(raw, path)
         metadata = {}
     else:
