@@ -18,26 +18,17 @@ import argparse
 import os
 from pathlib import Path
 
-import torch
 
 from ..model_files import ModelFilesError, save_safetensors_atomic
 from .network import DiffRIR
-from .weights import (_unwrap_checkpoint, infer_official_config, is_official_state_dict, load_into,
-                      map_official_state_dict, save_diffrir)
+from .weights import (infer_official_config, is_official_state_dict, load_into,
+                      map_official_state_dict, read_pth, save_diffrir)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """The state dict of an official .pth (params_ema, else params), read as tensors only."""
     path = Path(path)
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelFilesError(
-            f"{path} cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e}): it holds more than "
-            f"tensors. In the environment that made it, re-save its weights alone, e.g. "
-            f"torch.save({{'params_ema': {{k: v.clone() for k, v in state_dict.items()}}}}, 'DiffRIR.pth'), "
-            f"and convert that file.") from None
-    state = _unwrap_checkpoint(raw, path)
+    state = read_pth(path)
     if not is_official_state_dict(state):
         raise ModelFilesError(f"{path} is not an official DiffRIR checkpoint (no G.patch_embed / condition.E keys).")
     return state

@@ -210,20 +210,25 @@ def save_diffrir(model: DiffRIR, path: str | os.PathLike) -> Path:
     return save_safetensors_atomic(model.state_dict(), path, metadata)
 
 
+def read_pth(path: Path) -> dict:
+    """The state dict of a .pth checkpoint (params_ema, else params), read as tensors only."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelFilesError(
+            f"{path} cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e}): it holds more "
+            f"than tensors, and the pack never unpickles other objects. In the environment that made it, re-save "
+            f"its weights alone (torch.save({{'params_ema': state_dict}}, 'DiffRIR.pth')) and use that file.") from None
+    return _unwrap_checkpoint(raw, path)
+
+
 def load_diffrir(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> DiffRIR:
     """Read the pack's safetensors, an official checkpoint (.pth/.pt), or a safetensors with official keys."""
     path = Path(path)
     if not path.is_file():
         raise ModelFilesError(f"DiffRIR weights not found: {path}.")
     if path.suffix in (".pth", ".pt"):
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ModelFilesError(
-                f"{path} cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e}); the pack "
-                f"never unpickles other objects. In the environment that made it, re-save its weights alone "
-                f"(torch.save({{'params_ema': state_dict}}, 'DiffRIR.pth')) and put that file in models/diffrir/.") from None
-        state = _unwrap_checkpoint(raw, path)
+        state = read_pth(path)
         metadata = {}
     else:
         from safetensors.torch import load_file

@@ -7,38 +7,27 @@
 Regenerate the fixtures: python -m devtools.conformance lora --reference <checkout of pollockjj/ComfyUI>."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from devtools.paths import REPO_ROOT
+from devtools.paths import pack_module
 from devtools.tiny_lora import FORMATS, format_state_dict, kohya_name, unet_tensors
 from devtools.tiny_models import TINY_SDXL
 from mmig_core import lora as core
 
 FIXTURES = Path(__file__).parent / "lora"
-PACK = "mmig_pack_under_test"  # the repository imported as a package, as the host's custom_nodes loader does
 
 
 def import_nodes():
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, REPO_ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(REPO_ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{PACK}.nodes.lora")
+    return pack_module("nodes.lora")
 
 
 def lora_error():
     """The pack's LoRAError as the pack imported in-process raises it."""
-    import_nodes()
-    return importlib.import_module(f"{PACK}.mmig_core.lora").LoRAError
+    return pack_module("mmig_core.lora").LoRAError
 
 
 @pytest.fixture(scope="module")

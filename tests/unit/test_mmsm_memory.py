@@ -3,8 +3,6 @@
 dtype the UNet runs with. Runs the pack's node class in-process, with the host's own loader and ModelPatcher."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import sys
 
@@ -14,21 +12,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from devtools.paths import REPO_ROOT  # noqa: E402
+from devtools.paths import pack_module  # noqa: E402
 from devtools.tiny_mmsm import tiny_mmsm_config  # noqa: E402
 
-PACK = "mmig_pack_under_test"  # the repository imported as a package, as the host's custom_nodes loader does
-
-
 def import_pack():
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, REPO_ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(REPO_ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{PACK}.nodes.mmsm"), importlib.import_module(f"{PACK}.mmig_core.mmsm"), \
-        importlib.import_module(f"{PACK}.mmig_core.vlm")
+    return pack_module("nodes.mmsm"), pack_module("mmig_core.mmsm"), pack_module("mmig_core.vlm")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +31,7 @@ def test_loading_the_patched_model_moves_the_mmsm_to_the_unets_device_and_dtype(
     # float64 is a dtype no UNet runs in: only the host's model management can have changed it.
     mmsm = core.init_mmsm(core.MMSM(tiny_mmsm_config()), seed=1, decoder_std=0.05).to(torch.float64)
     text = torch.randn(1, 5, mmsm.config.text_dim, generator=torch.Generator().manual_seed(0))
-    host_helpers = importlib.import_module(f"{PACK}.nodes._host")
+    host_helpers = pack_module("nodes._host")
     loaded = nodes.LoadedMMSM(mmsm, "in-memory", host_helpers.managed(mmsm))
     embeds = vlm.LLMEmbeds(hidden_states=text, attention_mask=torch.ones(1, 5, dtype=torch.bool))
     options_before = repr(unet.model_options)
