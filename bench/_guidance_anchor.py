@@ -58,7 +58,8 @@ def ours_over_attend_excite(model, clip, conditioning, steps: int = 20, altered:
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionAttendAndExcitePipeline, StableDiffusionPipeline
     from bench import guidance as ours
-    from mmig_core.astar_guidance import concepts_from_clip
+    from devtools.pack import import_pack_module
+    concepts_from_clip = import_pack_module("nodes._guidance").concepts_from_clip
 
     positive, negative = conditioning
     with torch.inference_mode(False):

@@ -10,8 +10,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from devtools.pack import import_pack_module  # noqa: E402
 from mmig_core import layered_embeddings as layered  # noqa: E402
-from mmig_core.astar_guidance import AStarSettings, concepts_from_clip, guided_model  # noqa: E402
 
 SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "ddim"]
 LATENT = (1, 4, 8, 8)  # 64x64 px: the quarter-side layers are 2x2
@@ -22,7 +22,25 @@ QUARTER_SIDE_BLOCKS = {("input", 7), ("input", 8), ("middle", 0), ("output", 0),
 
 
 @pytest.fixture(scope="module")
-def loaded(load_tiny_sdxl_in_host):
+def guidance_module(load_tiny_sdxl_in_host):
+    """nodes/_guidance.py of the pack imported as the host imports it (after the host is importable)."""
+    return import_pack_module("nodes._guidance")
+
+
+def concepts_from_clip(*args):
+    return import_pack_module("nodes._guidance").concepts_from_clip(*args)
+
+
+def guided_model(model, settings):
+    return import_pack_module("nodes._guidance").guided_model(model, settings)
+
+
+def AStarSettings(*args, **kwargs):
+    return import_pack_module("nodes._guidance").AStarSettings(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def loaded(load_tiny_sdxl_in_host, guidance_module):
     model, clip, vae, _ = load_tiny_sdxl_in_host(output_vae=True, output_clip=True)
     with torch.inference_mode():
         cond, pooled = clip.encode_from_tokens(clip.tokenize(PROMPT), return_pooled=True)
