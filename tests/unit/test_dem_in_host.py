@@ -145,3 +145,66 @@ def test_layered_embeddings_lower_the_masked_loss(loaded):
     assert torch.equal(result.e_opt, 0.7 * result.e_a + 0.3 * result.e_b)
     assert torch.allclose(extra["pooled_output"], 0.7 * fg_pooled + 0.3 * bg_pooled)
     assert not torch.equal(result.e_a, fg) and result.e_a.shape == fg.shape
+
+
+def _counting(model):
+    """A clone whose UNet calls are counted by a wrapper set before the guidance's (which chains it)."""
+    calls = []
+    counted = model.clone()
+
+    def wrapper(apply_model, args):
+        calls.append(len(args["cond_or_uncond"]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+    counted.set_model_unet_function_wrapper(wrapper)
+    return counted, calls
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_a_star_predicts_again_on_the_moved_latent_unless_told_to_reuse(loaded, reuse):
+    model, clip, conditioning = loaded
+    counted, calls = _counting(model)
+    guided, guidance = guided_model(counted, _settings(clip, guided_steps=2, scale_factor=200.0,
+                                                       reuse_prediction=reuse))
+    result = _sample(guided, conditioning, "ddim", steps=3)
+    assert torch.isfinite(result).all()
+    # each guided step: one pass with gradients, plus (unless reused) one on the moved latent; then one plain step
+    assert len(calls) == (3 if reuse else 5)
+    assert [r.updated for r in guidance.all_records()[-1]] == [True, True]
+
+
+def test_the_fresh_and_the_reused_prediction_differ(loaded):
+    model, clip, conditioning = loaded
+    fresh = _sample(guided_model(model, _settings(clip, guided_steps=2, scale_factor=200.0))[0], conditioning, "ddim")
+    reused = _sample(guided_model(model, _settings(clip, guided_steps=2, scale_factor=200.0, reuse_prediction=True))[0],
+                     conditioning, "ddim")
+    assert (fresh - reused).abs().max() > 1e-5
+
+
+def test_normalise_maps_off_changes_the_losses(loaded):
+    model, clip, conditioning = loaded
+    runs = []
+    for normalise in (True, False):
+        guided, guidance = guided_model(model, _settings(clip, guided_steps=1, scale_factor=0.0,
+                                                         normalise_maps=normalise))
+        _sample(guided, conditioning, steps=1)
+        runs.append(guidance.all_records()[-1][0].segregation)
+    assert runs[0] != pytest.approx(runs[1])
+
+
+def test_attend_and_excite_mode_refines_at_step_0_and_moves_the_latent(loaded):
+    model, clip, conditioning = loaded
+    plain = _sample(model, conditioning, "ddim", steps=2)
+    guided, guidance = guided_model(model, _settings(clip, mode="attend_and_excite", guided_steps=2))
+    result = _sample(guided, conditioning, "ddim", steps=2)
+    assert torch.isfinite(result).all() and (result - plain).abs().max() > 1e-4
+    first, second = guidance.all_records()[-1]
+    assert first.refine_iters >= 1 and second.refine_iters == 0  # A&E's refinement steps are 0, 10, 20
+    assert 0 < first.attend_excite <= 1 and first.updated and second.updated
+
+
+def test_attend_and_excite_thresholds_must_pair_with_steps(loaded):
+    _, clip, _ = loaded
+    with pytest.raises(ValueError, match="one refine_threshold per refine_at_steps"):
+        _settings(clip, mode="attend_and_excite", refine_at_steps=(0, 5), refine_thresholds=(0.5,))
+    with pytest.raises(ValueError, match="mode must be one of a_star, attend_and_excite"):
+        _settings(clip, mode="attend")
