@@ -194,11 +194,13 @@ def test_normalise_maps_off_changes_the_losses(loaded):
 def test_attend_and_excite_mode_refines_at_step_0_and_moves_the_latent(loaded):
     model, clip, conditioning = loaded
     plain = _sample(model, conditioning, "ddim", steps=2)
-    guided, guidance = guided_model(model, _settings(clip, mode="attend_and_excite", guided_steps=2))
+    guided, guidance = guided_model(model, _settings(clip, mode="attend_and_excite", guided_steps=2,
+                                                     max_refine_iters=3))
     result = _sample(guided, conditioning, "ddim", steps=2)
     assert torch.isfinite(result).all() and (result - plain).abs().max() > 1e-4
     first, second = guidance.all_records()[-1]
-    assert first.refine_iters >= 1 and second.refine_iters == 0  # A&E's refinement steps are 0, 10, 20
+    # A&E's refinement steps are 0, 10, 20; the tiny SDXL's near-uniform maps never reach 0.05, so the cap stops it
+    assert first.refine_iters == 3 and second.refine_iters == 0
     assert 0 < first.attend_excite <= 1 and first.updated and second.updated
 
 
