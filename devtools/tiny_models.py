@@ -15,7 +15,8 @@ from pathlib import Path
 from devtools.paths import REPO_ROOT, TINY_MODELS_DIR, offline_env
 
 TINY_SDXL = "checkpoints/mmig-tiny-sdxl.safetensors"
-TINY_SD15 = "checkpoints/mmig-tiny-sd15.safetensors"
+# SD1.x; named to sort after the SDXL: `make run TINY=1` swaps a checkpoint picker to the first tiny one.
+TINY_SD15 = "checkpoints/mmig-tiny-stable-diffusion-1.safetensors"
 TINY_BLIP2 = "blip2/mmig-tiny-blip2"
 TINY_IDEFICS2 = "vlm/mmig-tiny-idefics2"
 TINY_MUMU_ADAPTER = "mmig/mmig-tiny-mumu-adapter.safetensors"

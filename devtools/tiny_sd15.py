@@ -37,7 +37,7 @@ LDM_UNET_PARAMS = {
 LDM_VAE_DDCONFIG = {"ch_mult": [1, 2, 4, 4]}  # only the downscale (8x) is read by the converter
 # The cross-attention query/key weights are drawn wider than the rest (std 0.02): with 0.02 every pixel
 # attends to the 77 context tokens almost uniformly, and attention guidance has nothing to act on.
-CROSS_ATTENTION_QK_STD = float(os.environ.get("MMIG_TINY_SD15_QK_STD", "0.08"))
+CROSS_ATTENTION_QK_STD = 0.08
 
 
 def unet_build_config() -> dict:

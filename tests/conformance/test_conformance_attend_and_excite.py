@@ -103,6 +103,25 @@ def run_host(model, embeds, negative, z_start, **settings):
     return out * model.model.latent_format.scale_factor, timesteps, guidance  # back to z (the SD1.x scale)
 
 
+def test_the_tiny_sd15_is_an_sd1_checkpoint_to_the_host_and_to_diffusers(sd15):
+    import comfy.supported_models
+
+    from devtools.tiny_sd15 import diffusers_unet
+    model, path = sd15
+    config = model.model.model_config
+    assert isinstance(config, comfy.supported_models.SD15) and getattr(config, "MMIG_TINY_SD15", False)
+    assert config.unet_config["context_dim"] == 768 and config.unet_config["use_linear_in_transformer"] is False
+    unet = model.model.diffusion_model
+    assert [len(unet.input_blocks), len(unet.output_blocks)] == [12, 12]  # SD1.x's block layout
+    assert astar.capture_blocks(unet) == [("input", 7), ("input", 8), ("output", 3), ("output", 4), ("output", 5)]
+    gen = torch.Generator().manual_seed(1)
+    x, context = torch.randn(LATENT, generator=gen), torch.randn(1, 77, 768, generator=gen)
+    with torch.inference_mode(False), torch.no_grad():
+        theirs = diffusers_unet(path)(x, torch.tensor([500]), encoder_hidden_states=context).sample
+        ours = unet(x, timesteps=torch.tensor([500.0]), context=context)
+    assert float((ours - theirs).abs().max()) < 1e-4 * float(theirs.abs().max())
+
+
 def test_final_latents_match_diffusers_attend_and_excite(sd15):
     """Three DDIM steps, A&E at the first two (max_iter_to_alter 2), iterative refinement at step 0 with
     A&E's own first threshold (0.05) and at step 2, past max_iter_to_alter, where A&E refines too (the
