@@ -92,7 +92,8 @@ def run_host(model, embeds, negative, z_start, **settings):
         sigmas = comfy.samplers.calculate_sigmas_scheduler(model.model, "ddim_uniform", STEPS)
     else:  # newer hosts
         sigmas = comfy.samplers.calculate_sigmas(model.model.model_sampling, "ddim_uniform", STEPS)
-    guided.model_options["transformer_options"]["sample_sigmas"] = sigmas  # as hosts since mid-2024 do
+    # The pinned host does not pass the sampler's sigmas to the model; newer hosts set these same ones themselves.
+    guided.model_options["transformer_options"]["sample_sigmas"] = sigmas
     sampling = model.model.model_sampling
     s0 = float(1 / (1 + sigmas[0] ** 2) ** 0.5)  # z = s x
     noise = z_start / (float(sigmas[0]) * s0)    # the host starts at x = noise * sigma_0, i.e. z = z_start

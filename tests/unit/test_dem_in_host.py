@@ -210,3 +210,31 @@ def test_attend_and_excite_thresholds_must_pair_with_steps(loaded):
         _settings(clip, mode="attend_and_excite", refine_at_steps=(0, 5), refine_thresholds=(0.5,))
     with pytest.raises(ValueError, match="mode must be one of a_star, attend_and_excite"):
         _settings(clip, mode="attend")
+
+
+def test_an_uncond_batch_run_apart_sees_the_moved_latent(guidance_module):
+    # The host may run cond and uncond as separate UNet calls (cond first); the uncond prediction must
+    # then be made on the moved latent too. A one-layer stand-in UNet: x's 2x2 pixels attend to 4 keys.
+    g = guidance_module
+    seen = []
+    context = torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def apply_model(x, sigma, **c):
+        seen.append(x.detach().clone())
+        q = x.reshape(x.shape[0], 4, 4).transpose(1, 2) * 3
+        k = c["c_crossattn"].expand(x.shape[0], -1, -1)
+        out = guidance.attention_replace(q, k, k, {"n_heads": 1, "block": ("input", 1), "original_shape": x.shape})
+        return out.transpose(1, 2).reshape(x.shape)
+
+    settings = g.AStarSettings([[1], [2]], [1, 2, 3], guided_steps=1, scale_factor=50.0)
+    guidance = g.AStarGuidance(settings, torch.nn.Module(), lambda s: torch.ones(s.shape[0], 1, 1, 1), lambda s: 0.0)
+    x, sigma = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(1)), torch.tensor([5.0])
+    args = {"input": x, "timestep": sigma, "c": {"c_crossattn": context, "transformer_options": {}}}
+    guidance.unet_wrapper(apply_model, {**args, "cond_or_uncond": [g.COND]})
+    fresh_cond_input = seen[-1]
+    guidance.unet_wrapper(apply_model, {**args, "cond_or_uncond": [1]})
+    assert guidance.all_records()[-1][0].updated
+    assert not torch.allclose(fresh_cond_input, x) and torch.equal(seen[-1], fresh_cond_input)
+    before = x.clone()
+    guidance.post_cfg({"denoised": torch.zeros_like(x), "input": x, "sigma": sigma})
+    assert torch.allclose(x, fresh_cond_input) and not torch.equal(x, before)  # the sampler's latent moved
