@@ -120,7 +120,9 @@ def test_the_tiny_sd15_is_an_sd1_checkpoint_to_the_host_and_to_diffusers(sd15):
     with torch.inference_mode(False), torch.no_grad():
         theirs = diffusers_unet(path)(x, torch.tensor([500]), encoder_hidden_states=context).sample
         ours = unet(x, timesteps=torch.tensor([500.0]), context=context)
-    assert float((ours - theirs).abs().max()) < 1e-4 * float(theirs.abs().max())
+    difference = float((ours - theirs).abs().max() / theirs.abs().max())
+    print(f"tiny SD1.x UNet, host vs diffusers on the same weights: relative max difference {difference:.2e}")
+    assert difference < 1e-4
 
 
 def test_final_latents_match_diffusers_attend_and_excite(sd15):
