@@ -104,7 +104,8 @@ def attend_excite_maps(layer_head_sums: list[torch.Tensor], heads: int, size_hw:
     """A&E's smoothed per-token maps. layer_head_sums: each layer's probabilities summed over its heads,
     [B, N, Nk]; heads: the heads of all layers together. Average over layers and heads, softmax of
     `softmax_scale` x the average over context tokens [1:-1], pick `token_positions` (context
-    positions, 0 being the start token), smooth. -> [B, T, h, w]."""
+    positions, 0 being the start token), smooth. -> [B, T, h, w]. A context of several 77-token chunks
+    (a long prompt) is taken as one sequence: A&E itself only knows one chunk."""
     mean = torch.stack(layer_head_sums).sum(dim=0) / heads
     text = torch.softmax(mean[..., 1:-1] * softmax_scale, dim=-1)
     picked = text[..., [p - 1 for p in token_positions]]  # [B, N, T]
