@@ -1,4 +1,6 @@
-"""Tiny random LoRAs for the tiny SDXL UNet, written in the kohya, diffusers and peft layouts (tests only)."""
+"""Tiny random LoRAs for the tiny SDXL UNet (tests only): plain LoRAs in the kohya, diffusers and peft layouts,
+and one file per format the host's Load LoRA reads (LoCon, Tucker LoCon, LoHa, LoKr, DoRA, diffs), with the
+real SDXL kohya module names (`lora_unet_input_blocks_4_1_proj_in`): the tiny SDXL keeps SDXL's block layout."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,6 +21,12 @@ LORA_TARGETS = (
     "input_blocks.4.0.in_layers.2", "input_blocks.4.0.skip_connection", "middle_block.2.out_layers.3",
     "output_blocks.2.2.conv", "output_blocks.1.0.skip_connection",
 )
+
+
+def unet_tensors(checkpoint) -> dict:
+    """{ldm parameter path: tensor} (weights and biases) of a checkpoint's UNet."""
+    with safe_open(str(checkpoint), "pt") as f:
+        return {k[len(CHECKPOINT_UNET_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(CHECKPOINT_UNET_PREFIX)}
 
 
 def unet_weights(checkpoint) -> dict:
@@ -76,6 +84,87 @@ def expected_merge(weights: dict, lora: dict, strength: float) -> dict:
         product = up.double().reshape(up.shape[0], -1) @ down.double().reshape(down.shape[0], -1)
         merged[module] = weight + strength * (alpha / down.shape[0]) * product.reshape(weight.shape)
     return merged
+
+
+# One file per format the host's Load LoRA reads. Each maps {ldm module: weight} (+ biases) to a state dict.
+FORMATS = ("locon", "tucker_locon", "loha", "loha_tucker", "lokr", "lokr_tucker", "dora", "diff")
+
+
+def kohya_name(module: str) -> str:
+    return "lora_unet_" + module.replace(".", "_")
+
+
+def _factor(n: int) -> tuple[int, int]:
+    """n = a·b with a the largest divisor <= sqrt(n) (how LyCORIS splits a LoKr dimension)."""
+    a = max(d for d in range(1, int(n ** 0.5) + 1) if n % d == 0)
+    return a, n // a
+
+
+def format_state_dict(tensors: dict, fmt: str, rank: int = 4, alpha: float = 2.0, seed: int = 0) -> dict:
+    """A LoRA file's tensors in format `fmt` on the tiny SDXL; `tensors` from unet_tensors.
+
+    locon / tucker_locon: every linear and conv weight of the UNet (Tucker: 3x3 convs as down 1x1 · mid 3x3 ·
+    up 1x1, the rest plain); loha / lokr: LORA_TARGETS (with `_tucker`: the 3x3 convs Tucker-decomposed);
+    dora: LoRA + dora_scale on output and on input axes; diff: `.diff` weights and `.diff_b` biases."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(shape, generator=gen) * 0.1  # noqa: E731
+    weights = {k[:-len(".weight")]: v for k, v in tensors.items() if k.endswith(".weight") and v.ndim >= 2}
+    every = sorted(weights)
+    state = {}
+    for module in (every if fmt in ("locon", "tucker_locon") else LORA_TARGETS):
+        shape, name = tuple(weights[module].shape), kohya_name(module)
+        out, inner = shape[0], shape[1]
+        kernel = shape[2:]
+        conv3 = len(shape) == 4 and kernel != (1, 1)
+        tucker = fmt.endswith("tucker") and conv3
+        put = lambda suffix, t: state.__setitem__(name + suffix, t.contiguous())  # noqa: E731
+        if fmt in ("locon", "tucker_locon", "dora"):
+            if fmt == "tucker_locon" and conv3:
+                put(".lora_down.weight", rand(rank, inner, 1, 1))
+                put(".lora_mid.weight", rand(rank, rank, *kernel))
+            else:
+                put(".lora_down.weight", rand(rank, *shape[1:]))
+            put(".lora_up.weight", rand(out, rank, *([1, 1] if len(shape) == 4 else [])))
+            if fmt == "dora":
+                weight = weights[module].float()
+                on_output = LORA_TARGETS.index(module) % 2 == 0
+                norm = (weight.flatten(1).norm(dim=1).reshape(out, *[1] * (len(shape) - 1)) if on_output else
+                        weight.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, inner, *[1] * len(kernel)))
+                put(".dora_scale", norm * (1 + rand(*norm.shape)))
+        elif fmt.startswith("loha"):
+            for i in ("1", "2"):
+                if tucker:
+                    put(f".hada_w{i}_a", rand(rank, out))
+                    put(f".hada_w{i}_b", rand(rank, inner))
+                    put(f".hada_t{i}", rand(rank, rank, *kernel))
+                else:
+                    put(f".hada_w{i}_a", rand(out, rank))
+                    put(f".hada_w{i}_b", rand(rank, inner * (kernel[0] * kernel[1] if kernel else 1)))
+        elif fmt.startswith("lokr"):
+            (a, b), (c, d) = _factor(out), _factor(inner)
+            if LORA_TARGETS.index(module) % 3 == 0:
+                put(".lokr_w1_a", rand(a, 2))
+                put(".lokr_w1_b", rand(2, c))
+            else:
+                put(".lokr_w1", rand(a, c))
+            if tucker:
+                put(".lokr_w2_a", rand(rank, b))
+                put(".lokr_w2_b", rand(rank, d))
+                put(".lokr_t2", rand(rank, rank, *kernel))
+            elif len(shape) == 4:
+                put(".lokr_w2", rand(b, d, *kernel))
+            else:
+                put(".lokr_w2_a", rand(b, rank))
+                put(".lokr_w2_b", rand(rank, d))
+        elif fmt == "diff":
+            put(".diff", rand(*shape))
+            if module + ".bias" in tensors:
+                put(".diff_b", rand(*tensors[module + ".bias"].shape))
+            continue
+        else:
+            raise ValueError(f"unknown format {fmt!r}; one of {FORMATS}")
+        put(".alpha", torch.tensor(alpha))
+    return state
 
 
 def main(argv=None) -> None:

@@ -1,9 +1,12 @@
-"""LoRA files in the kohya, diffusers and peft layouts, mapped onto an SDXL UNet's parameters.
+"""LoRA files: the pack's own matching (kohya, diffusers and peft layouts onto an SDXL UNet or any named
+model, for training and the VLM LoRA), and the host-agnostic facts and maths the UNet merge needs around the
+host's own LoRA loader (tensor families of every format, module names, DoRA).
 
 MUMU trains rank-8 LoRAs on SDXL's UNet and merges them into community fine-tunes (MUMU §5). The UNet can
 be in the original ldm layout (`diffusion_model.input_blocks.4.1...`, what ComfyUI and .safetensors
 checkpoints use) or the diffusers layout (`down_blocks.1.attentions.0...`); LoRA files name modules in
 either. Every LoRA module is matched to one model weight, and ΔW = scale·(alpha/rank)·B·A.
+MMIG LoRA Merge leaves the UNet's key mapping and every format's ΔW to the host (nodes/_host_lora.py).
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ _TOP_LDM_TO_DIFFUSERS = {"input_blocks.0.0": "conv_in", "time_embed.0": "time_em
                          "time_embed.2": "time_embedding.linear_2", "label_emb.0.0": "add_embedding.linear_1",
                          "label_emb.0.2": "add_embedding.linear_2", "out.0": "conv_norm_out", "out.2": "conv_out"}
 _TOP_DIFFUSERS_TO_LDM = {v: k for k, v in _TOP_LDM_TO_DIFFUSERS.items()}
+# The host's key map also names SDXL's label embedding as diffusers' class embedding.
+_CLASS_EMBEDDING = {"label_emb.0.0": "class_embedding.linear_1", "label_emb.0.2": "class_embedding.linear_2"}
+_TOP_DIFFUSERS_TO_LDM.update({v: k for k, v in _CLASS_EMBEDDING.items()})
 
 # Suffixes of the tensors of one LoRA module, per layout.
 _TENSOR_SUFFIXES = ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora.down.weight", "down"),
@@ -120,7 +126,7 @@ def build_key_table(model_keys) -> dict[str, str]:
         module = key[:-len(".weight")]
         if LDM_PREFIX in module:
             ldm = module.split(LDM_PREFIX, 1)[1]
-            aliases = (ldm, ldm_to_diffusers_module(ldm))
+            aliases = (ldm, ldm_to_diffusers_module(ldm), _CLASS_EMBEDDING.get(ldm))
         else:
             aliases = (module, diffusers_to_ldm_module(module, up_with_attention or SDXL_UP_LEVELS_WITH_ATTENTION))
         for alias in aliases:
@@ -367,3 +373,143 @@ def export_kohya(source, target, alpha: float | None = None) -> int:
     save_lora_file(kohya, target, metadata={"ss_network_module": "networks.lora",
                                             "mmig_exported_from": Path(source).name})
     return len(modules)
+
+
+# --- Around the host's LoRA loader: what a file holds, in which spelling ---------------------------------------
+
+# Tensor suffixes of one module, per format family: facts of the kohya, LyCORIS, diffusers and peft file formats.
+LORA_FAMILIES = {
+    "LoRA": (".lora_up.weight", ".lora_down.weight", "_lora.up.weight", "_lora.down.weight", ".lora.up.weight",
+             ".lora.down.weight", ".lora_B.weight", ".lora_A.weight", ".lora_B.default.weight",
+             ".lora_A.default.weight", ".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight",
+             ".lora_B", ".lora_A"),
+    "Tucker LoCon": (".lora_mid.weight",),
+    "LoHa": (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2"),
+    "LoKr": (".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t1",
+             ".lokr_t2"),
+    "DoRA": (".dora_scale",),
+    "GLoRA": (".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight"),
+    "OFT/BOFT": (".oft_blocks", ".oft_diag", ".rescale"),
+    "IA3": (".on_input",),
+    "norm diff": (".w_norm", ".b_norm"),
+    "full diff": (".diff", ".diff_b", ".set_weight"),
+    "scale": (".alpha", ".reshape_weight"),
+}
+_SUFFIXES = sorted(((s, family) for family, suffixes in LORA_FAMILIES.items() for s in suffixes),
+                   key=lambda item: -len(item[0]))
+# The kohya spelling every host version reads, for the down/up tensors of the other layouts.
+_KOHYA_TENSOR = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight",
+                 ".lora_A.default.weight": ".lora_down.weight", ".lora_B.default.weight": ".lora_up.weight",
+                 ".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight",
+                 "_lora.down.weight": ".lora_down.weight", "_lora.up.weight": ".lora_up.weight",
+                 ".lora_linear_layer.down.weight": ".lora_down.weight",
+                 ".lora_linear_layer.up.weight": ".lora_up.weight", ".lora_A": ".lora_down.weight",
+                 ".lora_B": ".lora_up.weight"}
+_HOST_TEXT_ENCODER_PREFIXES = _TEXT_ENCODER_PREFIXES + ("lora_prior_te", "text_encoders.", "text_encoder_2.")
+
+
+def split_lora_key(key: str) -> tuple[str, str]:
+    """(module, tensor suffix): `lora_unet_x.hada_w1_a` -> (`lora_unet_x`, `.hada_w1_a`); an unknown tensor
+    splits at its last dot (`x.weight` -> `x`, `.weight`)."""
+    for suffix, _family in _SUFFIXES:
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return key[:-len(suffix)], suffix
+    module, dot, last = key.rpartition(".")
+    return (module, dot + last) if module else (key, "")
+
+
+def suffix_family(suffix: str) -> str | None:
+    return next((family for s, family in _SUFFIXES if s == suffix), None)
+
+
+def group_lora_keys(state_dict) -> dict[str, dict[str, str]]:
+    """{module: {tensor suffix: key}} of every key of a file."""
+    groups: dict[str, dict[str, str]] = {}
+    for key in state_dict:
+        module, suffix = split_lora_key(key)
+        groups.setdefault(module, {})[suffix] = key
+    return groups
+
+
+def is_text_encoder_module(module: str) -> bool:
+    return module.startswith(_HOST_TEXT_ENCODER_PREFIXES) or module.startswith("unet.text_model")
+
+
+def module_kind(suffixes) -> str:
+    """The format of one module from its tensor suffixes, as a report names it (e.g. `LoHa (Tucker) + DoRA`)."""
+    suffixes = set(suffixes)
+    families = {suffix_family(s) for s in suffixes} - {None, "scale"}
+    if not families:
+        return "unknown (" + ", ".join(sorted(suffixes)) + ")"
+    dora = " + DoRA" if "DoRA" in families else ""
+    families.discard("DoRA")
+    if "Tucker LoCon" in families:
+        families.discard("LoRA")
+    if {".hada_t1", ".lokr_t2", ".lokr_t1"} & suffixes:
+        families = {f"{f} (Tucker)" if f in ("LoHa", "LoKr") else f for f in families}
+    if families == {"full diff"}:
+        families = {"bias diff" if suffixes & {".diff", ".diff_b", ".set_weight"} == {".diff_b"} else "full diff"}
+    return " + ".join(sorted(families)) + dora if families else "DoRA scale only"
+
+
+def file_kind(state_dict) -> str:
+    """What a file that is no LoRA of a known family holds, for the error that refuses it."""
+    keys = list(state_dict)
+    if not keys:
+        return "an empty file"
+    prefixes = {"model.diffusion_model.": "a full checkpoint (load it with Load Checkpoint)",
+                "control_model.": "a ControlNet (load it with Load ControlNet Model)",
+                "image_proj.": "an IP-Adapter", "ip_adapter.": "an IP-Adapter",
+                "first_stage_model.": "a VAE inside a checkpoint", "encoder.down.": "a VAE (load it with Load VAE)"}
+    for prefix, kind in prefixes.items():
+        if any(k.startswith(prefix) for k in keys):
+            return kind
+    if any(k in ("emb_params", "string_to_param", "clip_l", "clip_g") or k.startswith("string_to_param.")
+           for k in keys):
+        return "a textual-inversion embedding (put it in ComfyUI/models/embeddings/)"
+    if any(k.startswith(("input_blocks.", "down_blocks.", "diffusion_model.")) and k.endswith(".weight")
+           and suffix_family(split_lora_key(k)[1]) is None for k in keys):
+        return "a bare UNet state dict (a model, not a LoRA)"
+    families = sorted({f for k in keys if (f := suffix_family(split_lora_key(k)[1])) not in (None, "scale")})
+    if families:
+        return "LoRA tensors of the kinds " + ", ".join(families)
+    return "unknown tensors (first keys: " + ", ".join(keys[:5]) + ")"
+
+
+def kohya_module_name(module: str) -> str | None:
+    """A module named in the diffusers, peft or ldm-dotted layout, in the kohya spelling (`lora_unet_` + the
+    dotted name with underscores) that every version of the host's key map holds; None if already kohya."""
+    if module.startswith(("lora_unet_", "lora_prior_unet_", "lycoris_")):
+        return None
+    name = re.sub(r"\.processor\.(to_q|to_k|to_v)$", r".\1", module)  # old diffusers attention processors
+    name = re.sub(r"\.processor\.to_out$", ".to_out.0", name)
+    for prefix in ("base_model.model.", "unet.", "model."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    if LDM_PREFIX in name:
+        name = name.split(LDM_PREFIX, 1)[1]
+    return "lora_unet_" + name.replace(".", "_")
+
+
+def kohya_tensor_suffix(suffix: str) -> str:
+    """`.lora_A.weight` -> `.lora_down.weight` (the kohya spelling); other suffixes are the same everywhere."""
+    return _KOHYA_TENSOR.get(suffix, suffix)
+
+
+def dora_weight_change(weight: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
+    """DoRA (weight-decomposed LoRA): the change of `weight` at strength 1, as the newest ComfyUI computes it.
+
+    W' = m · (W + ΔW) / ‖·‖ with the magnitude m = dora_scale. Its shape picks the axis: [out, 1, ...] normalises
+    per output channel, [1, in, ...] per input channel. Per output channel the newest host divides by the norm of
+    W itself, not of W + ΔW (LyCORIS uses W + ΔW): the pack follows the host, since the merge must give the
+    weights Load LoRA gives. A strength s blends W + s·(W' - W), as the host does. float32 in, float32 out.
+    """
+    merged = weight + delta
+    eps = torch.finfo(weight.dtype).eps
+    if dora_scale.shape[0] == merged.shape[0]:
+        norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+    else:
+        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(merged.shape[1], *[1] * (merged.dim() - 1)).transpose(0, 1)
+    return merged * (dora_scale.to(weight.dtype) / (norm + eps)) - weight

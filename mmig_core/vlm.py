@@ -72,15 +72,30 @@ def _vision_geometry(config) -> tuple[int, int]:
     return int(size), int(patch)
 
 
-def decoder_layers(model) -> list:
-    """The language model's decoder layers, wherever the family keeps them."""
+def text_decoder(model):
+    """The language model's decoder stack (the module holding `.layers`), wherever the family keeps it."""
     for path in ("model.text_model", "model.language_model", "language_model", "model"):
         module = model
         for name in path.split("."):
             module = getattr(module, name, None)
         if module is not None and hasattr(module, "layers"):
-            return list(module.layers)
+            return module
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def decoder_layers(model) -> list:
+    """The language model's decoder layers, wherever the family keeps them."""
+    return list(text_decoder(model).layers)
+
+
+def attach_vlm_mm_adapters(model, adapters) -> list:
+    """Attach an MM-Adapter set to a VLM's decoder stack; the image token marks the inputs that hold an image."""
+    from .mm_adapter import attach_mm_adapters
+    config = model.config
+    image_token_id = getattr(config, "image_token_id", None)
+    if image_token_id is None:
+        image_token_id = getattr(config, "image_token_index", None)
+    return attach_mm_adapters(text_decoder(model), adapters, image_token_id)
 
 
 def load_vlm(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, drop_perceiver: bool = False,
@@ -128,14 +143,14 @@ def load_vlm(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
         model.model.connector.perceiver_resampler = PerceiverBypass()
         processor.image_seq_len = (resolution // patch) ** 2
     if mm_adapter_path:
-        from .mm_adapter import attach_mm_adapters, load_mm_adapters
+        from .mm_adapter import load_mm_adapters
         adapters = load_mm_adapters(mm_adapter_path)
         if adapters.config.dim != model.config.get_text_config().hidden_size:
             raise ModelFilesError(f"the MM-Adapter {mm_adapter_path} is for hidden size {adapters.config.dim}, the VLM "
                                   f"in {path} has {model.config.get_text_config().hidden_size}")
         model.mm_adapters = adapters.to(dtype)  # a submodule: it moves with the model between devices
         try:
-            attach_mm_adapters(decoder_layers(model), adapters)
+            attach_vlm_mm_adapters(model, adapters)
         except ValueError as e:
             raise ModelFilesError(str(e)) from None
     tokens = getattr(processor, "image_seq_len", None) or (resolution // patch) ** 2
@@ -244,39 +259,61 @@ def parse_history(history: str) -> list[tuple[str, str]]:
     return turns
 
 
-def chat_inputs(vlm: VLM, prompt: MMPrompt, history: str = "", suffix: str = "") -> dict:
-    """The model's inputs for one chat turn: the history, then the interleaved prompt as the user's message."""
+def _user_content(vlm: VLM, prompt: MMPrompt, *, with_text: bool = True, after: str = "") -> tuple[list, list]:
+    """(chat content, PIL images) of a user turn: the prompt's images and text in order, then `after`."""
     token = _image_token(vlm)
-    messages = [{"role": role, "content": [{"type": "text", "text": text}]} for role, text in parse_history(history)]
     content, images = [], []
     for segment in prompt.segments:
         if isinstance(segment, int):
             content.append({"type": "image"})
             images.append(square_image(prompt.images[segment]))
-        elif segment.strip():
+        elif with_text and segment.strip():
             content.append({"type": "text", "text": segment.replace(token, "")})
-    if suffix:
-        content.append({"type": "text", "text": suffix})
-    messages.append({"role": "user", "content": content})
+    if after:
+        content.append({"type": "text", "text": after})
+    return content, images
+
+
+def _text_message(role: str, text: str) -> dict:
+    return {"role": role, "content": [{"type": "text", "text": text}]}
+
+
+def _render(vlm: VLM, messages: list[dict]) -> str:
     if getattr(vlm.processor, "chat_template", None):
-        text = vlm.processor.apply_chat_template(messages, add_generation_prompt=True)
-    else:  # Idefics2's own chat format
-        parts = []
-        for m in messages:
-            body = "".join(token if c["type"] == "image" else c["text"] for c in m["content"])
-            parts.append(f"{m['role'].capitalize()}:{body}<end_of_utterance>\n")
-        text = "".join(parts) + "Assistant:"
-    return _processor_inputs(vlm, text, images)
+        return vlm.processor.apply_chat_template(messages, add_generation_prompt=True)
+    token, parts = _image_token(vlm), []  # Idefics2's own chat format
+    for m in messages:
+        body = "".join(token if c["type"] == "image" else c["text"] for c in m["content"])
+        parts.append(f"{m['role'].capitalize()}:{body}<end_of_utterance>\n")
+    return "".join(parts) + "Assistant:"
+
+
+def _after_images(prompt: MMPrompt, text: str) -> str:
+    """A template sentence as the released LLMGA code writes it: "<image>\nInpaint this image."."""
+    return ("\n" + text) if text and prompt.image_count() else text
+
+
+def chat_messages(vlm: VLM, prompt: MMPrompt, history: str = "", suffix: str = "", *, system: str = "",
+                  template: str = "") -> tuple[list[dict], list]:
+    """(messages, images) of one chat turn: an optional system prompt, the history, then the user's message:
+    the interleaved prompt, then `template` (a task's fixed sentence, on its own line after the images as
+    LLMGA writes it), then `suffix`."""
+    messages = [_text_message("system", system)] if system else []
+    messages += [_text_message(role, text) for role, text in parse_history(history)]
+    content, images = _user_content(vlm, prompt, after=_after_images(prompt, template) + suffix)
+    messages.append({"role": "user", "content": content})
+    return messages, images
+
+
+def chat_inputs(vlm: VLM, prompt: MMPrompt, history: str = "", suffix: str = "", *, system: str = "",
+                template: str = "") -> dict:
+    """The model's inputs for one chat turn (`chat_messages`), on the model's device."""
+    messages, images = chat_messages(vlm, prompt, history, suffix, system=system, template=template)
+    return _processor_inputs(vlm, _render(vlm, messages), images)
 
 
 @torch.no_grad()
-def describe(vlm: VLM, prompt: MMPrompt, *, history: str = "", suffix: str = "",
-             max_new_tokens: int = 200) -> tuple[str, LLMEmbeds]:
-    """z_d = f_mllm(x, w) (MMIG Eq. 1): greedy response to an image + instruction, and its hidden states.
-
-    The hidden states are the language model's last layer over the response tokens (e_llm).
-    """
-    inputs = chat_inputs(vlm, prompt, history, suffix)
+def _generate(vlm: VLM, inputs: dict, max_new_tokens: int) -> tuple[str, LLMEmbeds]:
     prompt_length = inputs["input_ids"].shape[1]
     out = vlm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     response_ids = out[0, prompt_length:] if out.shape[1] > prompt_length else out[0, :0]
@@ -288,3 +325,48 @@ def describe(vlm: VLM, prompt: MMPrompt, *, history: str = "", suffix: str = "",
     if response_ids.numel():
         states = states[prompt_length:]
     return response, pad_batch([states])
+
+
+def describe(vlm: VLM, prompt: MMPrompt, *, history: str = "", suffix: str = "", max_new_tokens: int = 200,
+             system: str = "", template: str = "") -> tuple[str, LLMEmbeds]:
+    """z_d = f_mllm(x, w) (MMIG Eq. 1): greedy response to an image + instruction, and its hidden states.
+
+    The hidden states are the language model's last layer over the response tokens (e_llm).
+    """
+    return _generate(vlm, chat_inputs(vlm, prompt, history, suffix, system=system, template=template),
+                     max_new_tokens)
+
+
+def edit_instruction(prompt: MMPrompt) -> str:
+    """The edit task's instruction: the prompt's text, whitespace collapsed."""
+    return " ".join(" ".join(s for s in prompt.segments if isinstance(s, str)).split())
+
+
+def edit_messages(vlm: VLM, prompt: MMPrompt, first_turn: str, *, history: str = "", suffix: str = "",
+                  system: str = "", first_response: str | None = None) -> tuple[list[dict], list]:
+    """(messages, images) of LLMGA's instruction editing (llmga/serve/cli-sd15-editing.py): a first user turn of
+    the images and `first_turn`; once `first_response` is known, that answer and the prompt's text as the
+    edit instruction (without the images again, as the released CLI sends it)."""
+    if not edit_instruction(prompt) or not prompt.image_count():
+        raise ValueError("the edit task needs the image(s) and the edit instruction as the prompt's text, e.g. "
+                         "'<image1> make it winter'")
+    messages = [_text_message("system", system)] if system else []
+    messages += [_text_message(role, text) for role, text in parse_history(history)]
+    content, images = _user_content(vlm, prompt, with_text=False, after=_after_images(prompt, first_turn))
+    messages.append({"role": "user", "content": content})
+    if first_response is not None:
+        messages += [_text_message("assistant", first_response),
+                     _text_message("user", edit_instruction(prompt) + suffix)]
+    return messages, images
+
+
+def describe_edit(vlm: VLM, prompt: MMPrompt, first_turn: str, *, history: str = "", suffix: str = "",
+                  max_new_tokens: int = 200, system: str = "") -> tuple[str, str, LLMEmbeds]:
+    """Instruction editing in two generated turns (`edit_messages`). Returns (first response, edited response,
+    hidden states over the edited one)."""
+    messages, images = edit_messages(vlm, prompt, first_turn, history=history, system=system)
+    first, _ = _generate(vlm, _processor_inputs(vlm, _render(vlm, messages), images), max_new_tokens)
+    messages, images = edit_messages(vlm, prompt, first_turn, history=history, suffix=suffix, system=system,
+                                     first_response=first)
+    second, embeds = _generate(vlm, _processor_inputs(vlm, _render(vlm, messages), images), max_new_tokens)
+    return first, second, embeds

@@ -1,4 +1,7 @@
-"""DiffRIR: restores the texture, brightness and contrast seams of inpainting/outpainting (LLMGA §3.4)."""
+"""DiffRIR: restores the texture, brightness and contrast seams of inpainting/outpainting (LLMGA §3.4).
+
+Official code and checkpoints: Zj-BinXia/DiffRIR (`inference_diffrir.py` is what the restore node follows).
+"""
 from __future__ import annotations
 
 import os
@@ -11,8 +14,9 @@ from ..mmig_core import diffrir as core
 from ..mmig_core.model_files import ModelFilesError
 
 DIFFRIR_SOURCE = ("Train one with `python -m training.diffrir` (it writes the .safetensors this node reads), or use "
-                  "the official DiffRIR checkpoint from the LLMGA project (dvlab-research/LLMGA) as a .pth file.")
-DIFFRIR_EXPECTED = "a DiffRIR .safetensors file (or the official .pth checkpoint)"
+                  "the official x1 DiffRIR checkpoint from Zj-BinXia/DiffRIR (github.com/Zj-BinXia/DiffRIR) as a "
+                  ".pth file, or converted with `python -m mmig_core.diffrir.convert`.")
+DIFFRIR_EXPECTED = "a DiffRIR .safetensors file (or the official x1 .pth checkpoint)"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 
 
@@ -36,7 +40,8 @@ class LoadedDiffRIR:
 
 class MMIG_DiffRIRLoader:
     DESCRIPTION = ("Loads a DiffRIR restoration network from ComfyUI/models/diffrir/: the pack's .safetensors "
-                   "(sizes in its metadata) or the official DiffRIR checkpoint (.pth, read as tensors only).")
+                   "(sizes in its metadata) or the official x1 checkpoint of Zj-BinXia/DiffRIR (.pth with "
+                   "params_ema or params, read as tensors only; sizes read from its shapes).")
     CATEGORY = _host.CATEGORY
     RETURN_TYPES = ("MMIG_DIFFRIR",)
     RETURN_NAMES = ("diffrir",)
@@ -48,7 +53,8 @@ class MMIG_DiffRIRLoader:
         return {"required": {
             "model_name": (list_diffrir_files(), {
                 "tooltip": "A file in ComfyUI/models/diffrir/: a .safetensors written by the pack's DiffRIR "
-                           "training, or the official DiffRIR .pth."}),
+                           "training, or the official x1 DiffRIR .pth (Zj-BinXia/DiffRIR). The official x2/x4 "
+                           "super-resolution variants are refused: this node restores at the image's own size."}),
             "dtype": (["auto", "fp32", "fp16", "bf16"], {
                 "default": "auto",
                 "tooltip": "Weight precision. auto: fp16 where the device runs it well, else fp32 (always fp32 on CPU)."}),
@@ -70,8 +76,10 @@ class MMIG_DiffRIRLoader:
 
 class MMIG_DiffRIRRestore:
     DESCRIPTION = ("Restores an inpainted or outpainted image with DiffRIR, using the original as a reference for "
-                   "texture, brightness and contrast (LLMGA Eq. 7: F_R(concat(I_gen, (1 - M)·I_ref))). Large "
-                   "images are processed in overlapping tiles, so memory stays flat as images grow.")
+                   "texture, brightness and contrast (LLMGA Eq. 7: F_R(concat(I_gen, (1 - M)·I_ref))), as the "
+                   "official inference script does: mask binarised at 0.5, image reflect-padded to a multiple of 32. "
+                   "Large images are processed in overlapping tiles, so memory stays flat as images grow "
+                   "(tile_size 0 is exactly the official, untiled computation).")
     CATEGORY = _host.CATEGORY
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
@@ -87,7 +95,8 @@ class MMIG_DiffRIRRestore:
             "reference": ("IMAGE", {"tooltip": "The image before generation, at the same size: for outpainting the "
                                                "output of Pad Image for Outpainting. Only its unmasked part is used."}),
             "mask": ("MASK", {"tooltip": "1 where content was generated, 0 where the reference was kept: the mask "
-                                         "the inpainting used. One mask for the batch, or one per image."}),
+                                         "the inpainting used. One mask for the batch, or one per image. "
+                                         "Binarised at 0.5 as the official script does, unless soft_mask is on."}),
             "paste_back": ("BOOLEAN", {"default": True,
                                        "tooltip": "Paste the reference back where the mask is 0 "
                                                   "(output·M + reference·(1 − M)), so kept pixels stay exact."}),
@@ -100,15 +109,22 @@ class MMIG_DiffRIRRestore:
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
                              "tooltip": "Seed of the 4-step diffusion that predicts the restoration prior; image i "
                                         "of the batch uses seed + i."}),
+        }, "optional": {
+            "soft_mask": ("BOOLEAN", {"default": False,
+                                      "tooltip": "Off (the official DiffRIR script): the mask is binarised at 0.5. "
+                                                 "On (the pack's own option, not DiffRIR's): its values are used as "
+                                                 "they are, in the network's input and in the paste-back blend, "
+                                                 "e.g. for a feathered mask."}),
         }}
 
-    def restore(self, diffrir, image, reference, mask, paste_back, tile_size, tile_overlap, seed):
+    def restore(self, diffrir, image, reference, mask, paste_back, tile_size, tile_overlap, seed, soft_mask=False):
         generated, reference, mask = core.check_inputs(image, reference, mask)
         _host.load_to_device(diffrir.patcher)
         progress = _host.progress_bar(generated.shape[0])
         restored = core.restore_images(
             diffrir.model, generated, reference, mask, tile=tile_size, overlap=tile_overlap,
-            paste_back=paste_back, seed=seed % 2 ** 63, on_image_done=lambda _i: progress.update(1),
+            paste_back=paste_back, seed=seed % 2 ** 63, soft_mask=soft_mask,
+            on_image_done=lambda _i: progress.update(1),
             check_interrupt=_host.throw_if_interrupted)
         return (restored,)
 

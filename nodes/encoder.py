@@ -3,14 +3,14 @@ that writes descriptions (MMIG Eq. 1) and LLMGA generation prompts."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import folder_paths
 
 from . import _host
+from ._loaded import LoadedAdapter, LoadedVLM, adapter_files
 from ..mmig_core import llmga_tags, mm_prompt as prompts, vlm as core
 from ..mmig_core.mm_adapter import FORMAT as MM_ADAPTER_FORMAT
-from ..mmig_core.model_files import ModelFilesError, check_safetensors_file
+from ..mmig_core.model_files import ModelFilesError
 from ..mmig_core.mumu_adapter import FORMAT as MUMU_ADAPTER_FORMAT
 
 log = logging.getLogger("ComfyUI-MMIG")
@@ -20,35 +20,6 @@ ADAPTER_SOURCE = ("MUMU adapters are .safetensors files written by the pack's tr
 MAX_IMAGES = 4
 DTYPES = (["auto", "fp32", "fp16", "bf16"], {
     "default": "auto", "tooltip": "Weight precision. auto: fp16 where the device runs it well, else fp32 (always fp32 on CPU)."})
-
-
-@dataclass
-class LoadedVLM:
-    """The MMIG_VLM value: the model and the host's memory-managed handle on it."""
-    vlm: core.VLM
-    patcher: object
-    name: str
-
-
-@dataclass
-class LoadedAdapter:
-    """The MMIG_ADAPTER value."""
-    adapter: object
-    patcher: object
-    name: str
-
-
-def adapter_files(file_format: str) -> list[str]:
-    """The .safetensors files in models/mmig/ whose metadata says `file_format` (MUMU adapter or MM-Adapter)."""
-    names = []
-    for name in folder_paths.get_filename_list("mmig"):
-        if name.endswith(".safetensors"):
-            try:  # reads the header only
-                if check_safetensors_file(folder_paths.get_full_path("mmig", name)).get("format") == file_format:
-                    names.append(name)
-            except (ModelFilesError, OSError):
-                continue  # a broken file is reported by the loader that reads it, not here
-    return sorted(names)
 
 
 class MMIG_VLMLoader:
@@ -79,8 +50,10 @@ class MMIG_VLMLoader:
         }, "optional": {
             "mm_adapter_name": (["none"] + adapter_files(MM_ADAPTER_FORMAT), {
                 "default": "none",
-                "tooltip": "Optional MM-Adapter weights (MMIG Eq. 6) from ComfyUI/models/mmig/, attached to the "
-                           "language model's layers. An untrained MM-Adapter changes nothing."}),
+                "tooltip": "Optional MM-Adapter (MMIG Eq. 6, laid out as LaVIN's) from ComfyUI/models/mmig/, as MMIG "
+                           "training stage 2 writes it: on each decoder layer's attention input, routed by whether the "
+                           "prompt holds an image. An untrained MM-Adapter changes nothing; a file in the pack's "
+                           "older layout is refused with the command that retrains it."}),
             "lora_name": (["none"] + folder_paths.get_filename_list("loras"), {
                 "default": "none",
                 "tooltip": "Optional LoRA for the VLM from ComfyUI/models/loras/ (peft `base_model.model.…`, "
@@ -113,7 +86,7 @@ class MMIG_VLMLoader:
         loaded = LoadedVLM(vlm, _host.managed(vlm.model), model_name)
         if lora_name not in (None, "none") and lora_strength != 0:
             from ..mmig_core.lora import load_lora_file
-            from .lora import merge_vlm_lora  # lora.py imports this module: import it here, not at the top
+            from .lora import merge_vlm_lora
             state_dict, _ = load_lora_file(folder_paths.get_full_path("loras", lora_name))
             loaded, report = merge_vlm_lora(loaded, state_dict, lora_strength, min_matched_fraction=0.9)
             logging.info("MMIG VLM Loader: LoRA %s\n%s", lora_name, report)
@@ -239,13 +212,17 @@ class MMIG_MUMUEncode:
 
 class MMIG_MLLMDescribe:
     DESCRIPTION = ("The multimodal LLM answers an image + instruction (MMIG Eq. 1: z_d = f_mllm(x, w)). In LLMGA mode "
-                   "it is asked for a detailed generation prompt between <gen_image> tags (or <gen_img>), which is "
-                   "extracted. Long descriptions are fine: CLIP Text Encode encodes them in 77-token chunks.")
+                   "it writes a detailed generation prompt between <gen_image> tags (or <gen_img>), which is "
+                   "extracted. "
+                   "An LLMGA checkpoint is asked in its released format (its system prompt asks for the tags, the user "
+                   "turn is a task template); other VLMs get the pack's own request sentence. Long descriptions are "
+                   "fine: CLIP Text Encode encodes them in 77-token chunks.")
     CATEGORY = _host.CATEGORY
     RETURN_TYPES = ("STRING", "STRING", "MMIG_LLM_EMBEDS")
     RETURN_NAMES = ("description", "response", "llm_embeds")
     OUTPUT_TOOLTIPS = ("z_d: the description (in LLMGA mode, the prompt between the tags).",
-                       "The model's full response.",
+                       "The model's full response (edit task: both turns, as 'User:'/'Assistant:' lines that "
+                       "history reads).",
                        "e_llm: the language model's hidden states over the response (for MMSM).")
     OUTPUT_NODE = True
     FUNCTION = "describe"
@@ -259,8 +236,9 @@ class MMIG_MLLMDescribe:
                                                             "'<image1> make it winter'."}),
                 "mode": (["describe", "llmga prompt"], {
                     "default": "describe",
-                    "tooltip": "describe: the response is the description. llmga prompt: ask for a generation prompt "
-                               "between <gen_image>...</gen_image> (or <gen_img>) tags and extract it."}),
+                    "tooltip": "describe: the response is the description. llmga prompt: the generation prompt "
+                               "between <gen_image>...</gen_image> (or <gen_img>) tags is extracted (the pack's "
+                               "prompt style also asks for the tags in the user's turn)."}),
                 "when_tags_missing": (["use whole response", "error"], {
                     "default": "use whole response",
                     "tooltip": "LLMGA mode, when the response has no complete tag pair: use the whole response "
@@ -275,20 +253,49 @@ class MMIG_MLLMDescribe:
                 "filename_prefix": ("STRING", {"default": "",
                                                "tooltip": "If set, the description is saved to the output folder as "
                                                           "<prefix>_00001_.txt (subfolders allowed)."}),
+                "prompt_style": (list(llmga_tags.PROMPT_STYLES), {
+                    "default": "auto",
+                    "tooltip": "llmga: the released LLMGA format: the system prompt its checkpoint was trained "
+                               "with (LLMGA's asks for <gen_image> tags) and nothing appended to your turn. pack: no "
+                               "system prompt; in llmga prompt mode the pack's own request for tags is appended. "
+                               "auto: llmga when the model's config is LLaVA-style (the released LLMGA layout) or "
+                               "its folder name says llmga, else pack."}),
+                "task": (list(llmga_tags.TASKS), {
+                    "default": "as written",
+                    "tooltip": "as written: your prompt is the user's turn. similar image / inpaint / outpaint: "
+                               "LLMGA's template ('Generate a similar image.', 'Inpaint this image.', 'Extend this "
+                               "image.') follows the prompt's images (leave the prompt's text empty for the exact "
+                               "released turn). edit: a first turn 'Generate a similar image' with the images, then "
+                               "the prompt's text as the edit instruction (LLMGA's instruction editing)."}),
             },
         }
 
-    def describe(self, vlm, mm_prompt, mode, when_tags_missing, max_new_tokens, history="", filename_prefix=""):
+    def describe(self, vlm, mm_prompt, mode, when_tags_missing, max_new_tokens, history="", filename_prefix="",
+                 prompt_style="auto", task="as written"):
         if len(mm_prompt) != 1:
             raise ValueError(f"MMIG MLLM Describe takes one prompt, got a batch of {len(mm_prompt)}: connect a single "
                              f"MMIG Multimodal Prompt (without 'previous')")
+        if task not in llmga_tags.TASKS:
+            raise ValueError(f"task must be one of {', '.join(llmga_tags.TASKS)}, got {task!r}")
         llmga = mode == "llmga prompt"
+        style = llmga_tags.resolve_prompt_style(prompt_style, vlm.vlm.model.config.to_dict(), vlm.name)
+        system = llmga_tags.system_prompt(vlm.name) if style == "llmga" else ""
+        suffix = llmga_tags.GENERATION_REQUEST if llmga and style == "pack" else ""
         _host.load_to_device(vlm.patcher)
         _host.throw_if_interrupted()
-        progress = _host.progress_bar(1)
-        response, embeds = core.describe(vlm.vlm, mm_prompt[0], history=history, max_new_tokens=max_new_tokens,
-                                         suffix=llmga_tags.GENERATION_REQUEST if llmga else "")
-        progress.update(1)
+        progress = _host.progress_bar(2 if task == "edit" else 1)
+        if task == "edit":
+            first, response, embeds = core.describe_edit(
+                vlm.vlm, mm_prompt[0], llmga_tags.EDIT_FIRST_TURN, history=history, suffix=suffix,
+                max_new_tokens=max_new_tokens, system=system)
+            exchange = (f"User: {llmga_tags.EDIT_FIRST_TURN}\nAssistant: {first}\n"
+                        f"User: {core.edit_instruction(mm_prompt[0])}\nAssistant: {response}")
+        else:
+            response, embeds = core.describe(vlm.vlm, mm_prompt[0], history=history, max_new_tokens=max_new_tokens,
+                                             suffix=suffix, system=system,
+                                             template=llmga_tags.TASK_TEMPLATES.get(task, ""))
+            exchange = response
+        progress.update(2 if task == "edit" else 1)
         description = response
         if llmga:
             description = llmga_tags.extract_generation_prompt(response)
@@ -302,7 +309,7 @@ class MMIG_MLLMDescribe:
         ui = {"text": [description]}
         if filename_prefix:
             ui["description_files"] = [_host.save_text_file(description, filename_prefix)]
-        return {"ui": ui, "result": (description, response, embeds)}
+        return {"ui": ui, "result": (description, exchange, embeds)}
 
 
 NODE_CLASS_MAPPINGS = {

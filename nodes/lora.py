@@ -1,4 +1,5 @@
-"""LoRA merging into any SDXL checkpoint (MUMU §5: the MUMU LoRA merges into community fine-tunes)."""
+"""LoRA merging into any SDXL checkpoint through the host's own LoRA loader (MUMU §5: the MUMU LoRA merges into
+community fine-tunes), and the MUMU bundle loader."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,26 +12,42 @@ from . import _host
 from ..mmig_core import lora as core
 from ..mmig_core import mumu_bundle
 from ..mmig_core.model_files import ModelFilesError
-from .encoder import LoadedAdapter, LoadedVLM
-
-UNET_PREFIX = "diffusion_model."
-
-
-def unet_weight_shapes(model) -> dict:
-    """{model key: shape} of the UNet weights a MODEL (the host's ModelPatcher) can patch."""
-    return {key: tuple(value.shape) for key, value in model.model_state_dict(UNET_PREFIX).items()}
+from ._host_lora import host_lora_patches
+from ._loaded import LoadedAdapter, LoadedVLM
 
 
 def merge_lora(model, state_dict: dict, strength: float, min_matched_fraction: float, label: str):
-    """(patched clone, report); raises with the report when too few LoRA modules match the UNet."""
-    match = core.match_lora(state_dict, unet_weight_shapes(model))
-    report = f"{label}\n{match.report()}"
-    if match.matched_fraction < min_matched_fraction:
+    """(patched clone, report): the host's own LoRA loader applies the file, as Load LoRA does. Raises, naming
+    them, when modules cannot be applied, unless min_matched_fraction was lowered to let the rest through."""
+    found = host_lora_patches(model, state_dict)
+    report = f"{label}\n{found.report()}"
+    if not found.applied:
+        if found.total:
+            what = f"none of its {found.total} UNet modules can be applied; the file holds {found.kind}"
+        elif found.ignored:
+            what = (f"it holds only text-encoder modules ({len(found.ignored)}): this node merges the UNet; use "
+                    f"the host's Load LoRA with a CLIP for those")
+        else:
+            what = f"it holds no UNet modules but {found.kind}"
+        raise core.LoRAError(f"{label.rstrip(':')}: {what}. Supported: LoRA, LoCon, "
+                             f"Tucker LoCon, LoHa, LoKr, DoRA, full and bias diffs, for an SDXL UNet (is it a LoRA "
+                             f"for another architecture, e.g. SD1.5? {100 * found.matched_fraction:.1f} % matched, "
+                             f"min_matched_fraction {100 * min_matched_fraction:.0f} %). Nothing was merged."
+                             f"\n{report}")
+    if found.dropped and found.matched_fraction < min_matched_fraction:
+        names = ", ".join(module for module, _ in found.dropped[:10]) + (" ..." if len(found.dropped) > 10 else "")
         raise core.LoRAError(
-            f"Only {100 * match.matched_fraction:.1f} % of the LoRA's UNet modules match this model, below "
-            f"min_matched_fraction {100 * min_matched_fraction:.0f} %: is it a LoRA for another architecture "
-            f"(e.g. SD1.5 on SDXL)? Nothing was merged.\n{report}")
-    return add_lora_patches(model, match, strength), report
+            f"{label.rstrip(':')}: {len(found.dropped)} of {found.total} UNet modules cannot be applied ({names}); "
+            f"only {100 * found.matched_fraction:.1f} % would merge, below min_matched_fraction "
+            f"{100 * min_matched_fraction:.0f} %. Nothing was merged: lower min_matched_fraction to merge the rest "
+            f"on purpose.\n{report}")
+    if found.dropped:
+        logging.warning("MMIG LoRA: %s merged without %d modules (min_matched_fraction %.2f):\n%s", label,
+                        len(found.dropped), min_matched_fraction, report)
+    patched = model.clone()
+    if strength != 0.0:
+        patched.add_patches(found.patches, strength)
+    return patched, report
 
 
 def add_lora_patches(patcher, match, strength: float):
@@ -45,11 +62,18 @@ def add_lora_patches(patcher, match, strength: float):
     return patched
 
 
+MIN_MATCHED_TOOLTIP = ("Which fraction of the LoRA's modules must apply. 1.0: all, else nothing is merged and the "
+                       "error names the ones that cannot be applied. Lower it on purpose to merge the rest; the "
+                       "report then lists every module dropped. (Workflows saved with older versions of the pack carry 0.9.)")
+
+
 class MMIG_LoRAMerge:
     DESCRIPTION = ("Merges a LoRA into a MODEL (any SDXL checkpoint, e.g. a community fine-tune), as MUMU merges "
-                   "its UNet LoRA into style fine-tunes. Reads the kohya (lora_unet_…), diffusers (unet.…) and "
-                   "peft (base_model.model.…) layouts and reports which modules matched; fails instead of "
-                   "returning a silently unchanged model when too few match. Save Checkpoint bakes the result.")
+                   "its UNet LoRA into style fine-tunes. The host's own LoRA loader applies it, so it reads what "
+                   "Load LoRA reads and gives the same weights: LoRA/LoCon (kohya, diffusers, peft), Tucker LoCon, "
+                   "LoHa, LoKr, DoRA (computed by the pack where the host's loader lacks it), full and bias diffs. "
+                   "Unlike Load LoRA it fails, naming them, when modules cannot be applied, and reports what "
+                   "merged. Save Checkpoint bakes the result.")
     CATEGORY = _host.CATEGORY
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "report")
@@ -64,14 +88,16 @@ class MMIG_LoRAMerge:
             "required": {
                 "model": ("MODEL", {"tooltip": "The SDXL model to merge into, e.g. from Load Checkpoint."}),
                 "lora_name": (folder_paths.get_filename_list("loras"), {
-                    "tooltip": "A .safetensors LoRA in ComfyUI/models/loras/ (kohya, diffusers or peft layout)."}),
+                    "tooltip": "A .safetensors LoRA in ComfyUI/models/loras/ (any format the host's Load LoRA "
+                               "reads; kohya, diffusers or peft names)."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                       "tooltip": "Scale s of ΔW = s·(alpha/rank)·B·A; 0 leaves the model as is."}),
+                                       "tooltip": "Scale s of the LoRA's change (ΔW = s·(alpha/rank)·B·A for a "
+                                                  "plain LoRA), as Load LoRA's strength_model; 0 leaves the model "
+                                                  "as is."}),
             },
             "optional": {
                 "min_matched_fraction": ("FLOAT", {
-                    "default": 0.9, "min": 0.0, "max": 1.0, "step": 0.01,
-                    "tooltip": "Fail when fewer of the LoRA's UNet modules than this fraction match the model."}),
+                    "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": MIN_MATCHED_TOOLTIP}),
             },
         }
 
@@ -83,7 +109,7 @@ class MMIG_LoRAMerge:
                     f"{', '.join(folder_paths.get_folder_paths('loras'))}): put the .safetensors file there.")
         return True
 
-    def merge(self, model, lora_name, strength, min_matched_fraction=0.9):
+    def merge(self, model, lora_name, strength, min_matched_fraction=1.0):
         path = folder_paths.get_full_path("loras", lora_name)
         if path is None:
             raise ModelFilesError(f"LoRA {lora_name!r} is not in ComfyUI/models/loras/ "
@@ -161,8 +187,7 @@ class MMIG_MUMULoader:
             },
             "optional": {
                 "min_matched_fraction": ("FLOAT", {
-                    "default": 0.9, "min": 0.0, "max": 1.0, "step": 0.01,
-                    "tooltip": "Fail when fewer of a LoRA's modules than this fraction match the model or VLM."}),
+                    "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": MIN_MATCHED_TOOLTIP}),
             },
         }
 
@@ -173,7 +198,7 @@ class MMIG_MUMULoader:
                     f"{', '.join(_host.model_search_paths('mmig'))}, as the pack's MUMU training writes it.")
         return True
 
-    def load(self, bundle_name, model, vlm, unet_strength, vlm_strength, dtype, min_matched_fraction=0.9):
+    def load(self, bundle_name, model, vlm, unet_strength, vlm_strength, dtype, min_matched_fraction=1.0):
         from ..mmig_core.mumu_adapter import load_adapter
 
         folder = find_bundle(bundle_name)

@@ -7,7 +7,7 @@ import folder_paths
 import torch
 
 from . import _host
-from .encoder import adapter_files
+from ._loaded import adapter_files
 from ..mmig_core.mmsm import FORMAT as MMSM_FORMAT, OutputBlockPatch
 from ..mmig_core.model_files import ModelFilesError
 

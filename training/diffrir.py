@@ -4,7 +4,9 @@
         [--preset paper|tiny] [--stage1-steps N] [--stage2-steps N] [--crop 256] [--batch 8]
 
 Each step: GT crops -> I_LQ = D_2(D_1(GT)) (Eq. 9) and a random mask M (irregular, box or outpainting
-border) -> input concat(I_LQ, (1 - M)·GT) (Eq. 7).
+border) -> input concat(I_LQ, (1 - M)·GT) (Eq. 7). D_1 is the official second-order degradation with the
+ranges of Zj-BinXia/DiffRIR's options/train_DiffRIRS2_x1.yml, then D_2, clipping and 8-bit rounding
+(`mmig_core.diffrir.degradations`).
 - Stage 1 trains the restorer with a teacher CPEN that also sees GT (the ground-truth prior); loss L1.
 - Stage 2 trains the shipped network: its CPEN sees the input only and conditions the 4-step
   diffusion chain, which starts from the teacher prior noised to the last step; loss

@@ -9,13 +9,21 @@ A records folder holds `records.jsonl`, one JSON object per line:
                {"image": "crops/0001_1.png", "char_index": 14, "label": "dog"}]}   # or a crop file
 
 Paths are relative to the folder; `char_index` is where the crop's word starts in the caption (the crop is
-inserted before it). `python -m training.mumu_data synthetic OUT [--count N]` writes a small synthetic folder.
+inserted before it). A "person" crop may give its head as "head_box" (into the image); without one its head
+is the top-centred square of the crop (side min(width, height / 2)), the bootstrapper's rule.
+`python -m training.mumu_data synthetic OUT [--count N]` writes a small synthetic folder.
+
+Head crops (MUMU §4-5: "for detected person crops, we replaced the crop of the full person with a crop of
+their head 70 % of the time"): items carry each person crop's head beside it, and `swap_heads` draws the
+swap at train time from the sample's own generator, so a record gives a head crop in ~70 % of the steps
+that draw it. A head below `min_area` (MUMU's 150x150 crop filter) keeps the person crop and is counted.
 """
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +32,9 @@ from training.config import ConfigError
 from training.mumu_prompts import Crop
 
 RECORDS = "records.jsonl"
+HEAD_PROBABILITY = 0.7  # MUMU §4-5: 70 % of person crops become head crops
+HEAD_MIN_AREA = 150 * 150  # MUMU §4's crop filter, applied to the head crop too
+PERSON_LABEL, HEAD_LABEL = "person", "head"
 
 
 class RecordsError(ConfigError):
@@ -82,6 +93,14 @@ def target_image(image: torch.Tensor, resolution: int) -> tuple[torch.Tensor, to
     return square, time_ids
 
 
+def top_square(image: torch.Tensor) -> torch.Tensor:
+    """The top-centred square of a [h, w, 3] person crop, side min(w, h / 2): its head where none was given."""
+    h, w = image.shape[:2]
+    side = min(w, h // 2)
+    left = (w - side) // 2
+    return image[:side, left:left + side]
+
+
 @dataclass
 class MUMUItem:
     image: torch.Tensor  # the whole input, [H, W, 3] in 0..1 (control images are drawn from it)
@@ -89,6 +108,32 @@ class MUMUItem:
     crops: list[Crop]
     target: torch.Tensor  # [3, R, R] in 0..1
     time_ids: torch.Tensor  # [6]
+    heads: list[torch.Tensor | None] = field(default_factory=list)  # per crop: a person crop's head, else None
+
+
+def swap_heads(crops: list[Crop], heads: list[torch.Tensor | None], generator: torch.Generator,
+               probability: float = HEAD_PROBABILITY, min_area: int = HEAD_MIN_AREA,
+               stats: Counter | None = None) -> list[Crop]:
+    """The crops of one draw of a record: each crop with a head (a person crop) becomes a head crop with
+    `probability`, one draw per person crop from `generator` (the sample's own); a head smaller than
+    `min_area` px keeps the person crop and counts as `head_too_small` in `stats`."""
+    stats = stats if stats is not None else Counter()
+    out = []
+    for i, crop in enumerate(crops):
+        head = heads[i] if i < len(heads) else None
+        if head is None:
+            out.append(crop)
+            continue
+        stats["person_crops"] += 1
+        if float(torch.rand((), generator=generator)) >= probability:
+            out.append(crop)
+        elif head.shape[0] * head.shape[1] < min_area or min(head.shape[:2]) < 2:
+            stats["head_too_small"] += 1
+            out.append(crop)
+        else:
+            stats["head_swaps"] += 1
+            out.append(Crop(head.to(crop.image.device), crop.char_index, HEAD_LABEL))  # the batch moved heads
+    return out
 
 
 class MUMURecords(torch.utils.data.Dataset):
@@ -110,27 +155,35 @@ class MUMURecords(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> MUMUItem:
         record = self.records[index]
         image = _read_rgb(self.folder / record["image"])
-        crops = []
+        crops, heads = [], []
         for crop in record.get("crops", []):
-            if "box" in crop:
-                x0, y0, x1, y1 = (int(round(v)) for v in crop["box"])
-                x0, y0 = max(0, x0), max(0, y0)
-                x1, y1 = min(image.shape[1], x1), min(image.shape[0], y1)
-                if x1 - x0 < 2 or y1 - y0 < 2:
-                    raise RecordsError(f"{self.folder / RECORDS} record {index}: crop box {crop['box']} is empty")
-                pixels = image[y0:y1, x0:x1]
+            pixels = (self._cut(image, crop["box"], index) if "box" in crop
+                      else _read_rgb(self.folder / crop["image"]))
+            label = crop.get("label", "object")
+            crops.append(Crop(pixels, crop["char_index"], label))
+            if label != PERSON_LABEL:
+                heads.append(None)
+            elif "head_box" in crop:
+                heads.append(self._cut(image, crop["head_box"], index))
             else:
-                pixels = _read_rgb(self.folder / crop["image"])
-            crops.append(Crop(pixels, crop["char_index"], crop.get("label", "object")))
+                heads.append(top_square(pixels))
         target, time_ids = target_image(image, self.resolution)
-        return MUMUItem(image, record["caption"], crops, target, time_ids)
+        return MUMUItem(image, record["caption"], crops, target, time_ids, heads)
+
+    def _cut(self, image: torch.Tensor, box, index: int) -> torch.Tensor:
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        x0, y0 = max(0, x0), max(0, y0)
+        x1, y1 = min(image.shape[1], x1), min(image.shape[0], y1)
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            raise RecordsError(f"{self.folder / RECORDS} record {index}: crop box {list(box)} is empty")
+        return image[y0:y1, x0:x1]
 
 
 def collate(items: list[MUMUItem]) -> dict:
     """Targets and size conditioning batched; images, captions and crops stay per-sample lists."""
     return {"target": torch.stack([i.target for i in items]), "time_ids": torch.stack([i.time_ids for i in items]),
             "image": [i.image for i in items], "caption": [i.caption for i in items],
-            "crops": [i.crops for i in items]}
+            "crops": [i.crops for i in items], "heads": [i.heads for i in items]}
 
 
 COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.1, 0.2, 0.9), "yellow": (0.9, 0.9, 0.1)}
@@ -178,8 +231,9 @@ def _pil_to_tensor(image) -> torch.Tensor:
 class BootstrapRecords(torch.utils.data.Dataset):
     """The dataset bootstrapper's WebDataset shards (`training.data`, its manifest format) as MUMU items.
 
-    The bootstrapper already inserted crops before their words and swapped person crops for heads; here
-    each crop keeps its caption position (`char_start`) and kind, and the prompt is drawn per step."""
+    Each crop keeps its caption position (`char_start`) and kind, a person crop its head (cut at the
+    recorded head_box, swapped in at train time by `swap_heads`), and the prompt is drawn per step. Version-1
+    folders (heads drawn at bootstrap) read as they are, without head alternatives."""
 
     def __init__(self, folder: str | Path, resolution: int, require_labels: tuple[str, ...] = (),
                  on_corrupt: str = "skip"):
@@ -200,8 +254,9 @@ class BootstrapRecords(torch.utils.data.Dataset):
         image = _pil_to_tensor(record["target"])
         crops = [Crop(_pil_to_tensor(pixels), int(info["char_start"]), info.get("kind", "object"))
                  for pixels, info in zip(record["crops"], record["crop_info"])]
+        heads = [None if head is None else _pil_to_tensor(head) for head in record["heads"]]
         target, time_ids = target_image(image, self.resolution)
-        return MUMUItem(image, record["caption"], crops, target, time_ids)
+        return MUMUItem(image, record["caption"], crops, target, time_ids, heads)
 
 
 def open_records(folder: str | Path, resolution: int, require_labels: tuple[str, ...] = ()):

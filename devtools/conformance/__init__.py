@@ -28,8 +28,8 @@ def reference_tree(path: Path):
     path = Path(path).resolve()
     if (path / "HEAD").is_file() and (path / "objects").is_dir():
         with tempfile.TemporaryDirectory(prefix="mmig-reference-") as tmp:
-            archive = subprocess.run(["git", "--git-dir", str(path), "archive", "HEAD"], check=True,
-                                     capture_output=True).stdout
+            archive = subprocess.run(["git", "--git-dir", str(path), "archive", "HEAD", *_present_paths(path)],
+                                     check=True, capture_output=True).stdout
             with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
                 tar.extractall(tmp, filter="data")
             yield Path(tmp)
@@ -37,6 +37,17 @@ def reference_tree(path: Path):
         yield path
     else:
         raise FileNotFoundError(f"{path} is neither a checkout nor a bare git directory of the reference")
+
+
+def _present_paths(git_dir: Path) -> list[str]:
+    """HEAD's files whose contents the git directory holds (a mirror may leave its largest blobs out)."""
+    listing = subprocess.run(["git", "--git-dir", str(git_dir), "ls-tree", "-r", "HEAD"], check=True,
+                             capture_output=True, text=True).stdout.splitlines()
+    entries = [line.split("\t", 1) for line in listing]
+    blobs = [meta.split()[2] for meta, _ in entries]
+    check = subprocess.run(["git", "--git-dir", str(git_dir), "cat-file", "--batch-check"], input="\n".join(blobs),
+                           capture_output=True, text=True).stdout.splitlines()
+    return [name for (_, name), status in zip(entries, check) if not status.endswith("missing")]
 
 
 @contextlib.contextmanager

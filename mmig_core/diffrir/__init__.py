@@ -1,9 +1,12 @@
 """DiffRIR (LLMGA §3.4): reference-based restoration of inpainting/outpainting seams.
 
+Official code and checkpoints: Zj-BinXia/DiffRIR (not dvlab-research/LLMGA, which releases the LLM side).
+
 - `config`: sizes (`tiny_config()` for tests, `paper_config()` for real use).
 - `network`: the restorer, the CPEN prior extractor and the 4-step diffusion prior.
 - `restore`: input checks, padding, tiling with blending, paste-back (what the node calls).
 - `weights`: the pack's safetensors (config in metadata) and the official checkpoint's keys.
+- `convert`: `python -m mmig_core.diffrir.convert IN.pth OUT.safetensors` for the official checkpoint.
 - `degradations`: D_1 (real-world) and D_2 (contrast/brightness), and the training masks.
 
 Importing this package is cheap: torch only (the host already has it loaded).

@@ -16,7 +16,7 @@ class DiffRIRConfig:
     heads: tuple[int, int, int, int] = (1, 2, 4, 8)
     ffn_expansion_factor: float = 2.2
     bias: bool = False
-    layernorm_with_bias: bool = False  # DiffIR's real-world configs use the bias-free LayerNorm
+    layernorm_with_bias: bool = False  # the published DiffRIR configs use the bias-free LayerNorm
     # Prior: a compact vector that scales and shifts the features of every transformer block
     prior_dim: int = 256
     prior_features: int = 64         # CPEN width ("n_feats")
@@ -62,7 +62,8 @@ class DiffRIRConfig:
 
 
 def paper_config() -> DiffRIRConfig:
-    """The public DiffRIR/DiffIR real-world (x1) sizes: 64-wide, 13+13 blocks, 256-d prior, 4 diffusion steps."""
+    """The published DiffRIR x1 sizes (Zj-BinXia/DiffRIR `inference_diffrir.py`, `options/*_x1.yml`): 64-wide,
+    13+13 blocks, ffn 2.2, bias-free LayerNorm, 256-d prior, 4 diffusion steps."""
     return DiffRIRConfig()
 
 

@@ -11,11 +11,13 @@ Where the prior comes from:
   over the prior vector (`DiffusionPrior`); the chain starts from noise, predicts x0 at each step and
   takes the posterior mean, as DiffIR does.
 
-Choices made where the public DiffRIR release says nothing we could read:
-- The output's residual skip adds the *generated* image (the first 3 input channels): DiffIR adds its
-  3-channel input, and the 6-channel DiffRIR input has no other 3-channel image to add.
-- The prior is computed once per image, on the whole image (`prior_features` is the pre-pooling map,
-  so tiles can sum it exactly); the restorer then runs per tile with that one prior.
+As the official DIRformer/DiffRIRS2 (Zj-BinXia/DiffRIR, `DiffRIR/archs/S2_arch.py`), checked against it
+by tests/conformance/test_conformance_diffrir.py:
+- the output's residual skip adds the *generated* image (the first 3 input channels);
+- each level's feed-forward width is int(width · ffn_expansion_factor), so at 2.2 the ratio differs
+  per level (140, 281, 563, 1126 at width 64);
+- the prior is computed once per image, on the whole (padded) image; the pack's tiled path then runs the
+  restorer per tile with that one prior (`prior_features` is the pre-pooling map, so tiles sum it exactly).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from .config import DiffRIRConfig
 
 
 class LayerNorm2d(nn.Module):
-    """LayerNorm over channels of a [B, C, H, W] map; bias-free as in DiffIR's real-world models."""
+    """LayerNorm over channels of a [B, C, H, W] map; bias-free as in the published DiffRIR config."""
 
     def __init__(self, channels: int, with_bias: bool):
         super().__init__()

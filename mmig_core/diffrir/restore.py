@@ -3,9 +3,13 @@
 Memory stays flat as images grow: the network only ever sees one tile, and no full-size
 intermediate is built besides the output itself.
 
-- The prior (one 256-d vector per image) is computed on the whole image: CPEN's pre-pooling features
-  are summed tile by tile, each tile read with enough context around it (CPEN's receptive field) that
-  the sum is exactly the untiled one (up to float summation order).
+- As the official inference script does (`inference_diffrir.py`): the mask is binarised at 0.5 (unless
+  the caller asks for the soft mask), the network sees the image reflect-padded at the bottom/right to a
+  multiple of 32 (`config.multiple`), and the output is cropped back and pasted onto the reference.
+- The prior (one 256-d vector per image) is computed on that whole padded image: CPEN's pre-pooling
+  features are summed tile by tile, each tile read with enough context around it (CPEN's receptive
+  field) that the sum is exactly the untiled one (up to float summation order). With `tile=0` the
+  restoration is the official script's computation.
 - The restorer runs on overlapping tiles on a grid. Each tile is reflect-padded to the network's
   multiple; tile outputs are blended with linear ramps across the overlaps. The ramps are separable,
   so their normaliser is the outer product of two 1-D sums and needs no full-size weight map.
@@ -19,7 +23,6 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .network import DiffRIR, PriorEncoder
 
@@ -99,33 +102,56 @@ def ramp_weights(starts: list[int], tile: int, length: int) -> list[torch.Tensor
     return weights
 
 
+def binarize_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The official script's mask: 1 where mask >= 0.5, else 0."""
+    return (mask >= 0.5).to(mask.dtype)
+
+
+def padded_indices(length: int, multiple: int) -> torch.Tensor:
+    """Source index of each position of [0, length) padded at its end to a multiple (reflect, else replicate).
+
+    The same rule as `pad_to_multiple`: reflect (as the official `pad_test`) where the pad is shorter than
+    the side, replicate for the tiny sides where reflection is impossible.
+    """
+    pad = (-length) % multiple
+    index = torch.arange(length + pad)
+    if pad:
+        index[length:] = 2 * (length - 1) - index[length:] if pad < length else length - 1
+    return index
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad bottom/right to multiples; reflect where the image is big enough, else replicate."""
+    """Pad bottom/right to multiples: reflect (the official `pad_test`) where the side allows, else replicate."""
     height, width = x.shape[-2:]
-    pad_h, pad_w = (-height) % multiple, (-width) % multiple
-    if not pad_h and not pad_w:
+    if not (-height) % multiple and not (-width) % multiple:
         return x
-    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
-    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+    rows, cols = padded_indices(height, multiple).to(x.device), padded_indices(width, multiple).to(x.device)
+    return x.index_select(-2, rows).index_select(-1, cols)
 
 
-def _stacked_input(model: DiffRIR, generated, reference, mask, top, left, height, width, dtype, device):
-    """The network input for one window of a [C, H, W] image, built only for that window."""
-    window = (slice(None), slice(top, top + height), slice(left, left + width))
-    g = generated[window][None].to(device=device, dtype=dtype)
-    r = reference[window][None].to(device=device, dtype=dtype)
-    m = mask[top:top + height, left:left + width][None, None].to(device=device, dtype=dtype)
+def _stacked_input(model: DiffRIR, generated, reference, mask, rows, cols, dtype, device):
+    """The network input for one window of a [C, H, W] image (rows/cols: slices or index tensors)."""
+    def window(x):
+        x = x[..., rows, :] if isinstance(rows, slice) else x.index_select(-2, rows.to(x.device))
+        return x[..., cols] if isinstance(cols, slice) else x.index_select(-1, cols.to(x.device))
+    g = window(generated)[None].to(device=device, dtype=dtype)
+    r = window(reference)[None].to(device=device, dtype=dtype)
+    m = window(mask)[None, None].to(device=device, dtype=dtype)
     return model.make_input(g, r, m)
 
 
 def compute_prior(model: DiffRIR, generated, reference, mask, *, tile: int, generator=None,
                   check_interrupt: Callable[[], None] | None = None):
-    """The image's prior vector, from CPEN features summed exactly over core tiles with context halos."""
+    """The image's prior vector, from CPEN features summed exactly over core tiles with context halos.
+
+    CPEN sees the image padded as the official script pads it (to `config.multiple`, reflect).
+    """
     config, device = model.config, next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     u = config.unshuffle
     height, width = generated.shape[-2:]
-    padded_h, padded_w = height + (-height) % u, width + (-width) % u
+    row_index, col_index = padded_indices(height, config.multiple), padded_indices(width, config.multiple)
+    padded_h, padded_w = len(row_index), len(col_index)
     halo = math.ceil(PriorEncoder.receptive_radius(config) / u) * u
     # Windows of core + context stay within about one tile, so memory is bounded by the tile size alone.
     core = max(u, (max(tile // 2, tile - halo) // u) * u) if tile > 0 else max(padded_h, padded_w)
@@ -136,9 +162,7 @@ def compute_prior(model: DiffRIR, generated, reference, mask, *, tile: int, gene
                 check_interrupt()
             y0, x0 = max(0, top - halo), max(0, left - halo)
             y1, x1 = min(padded_h, top + core + halo), min(padded_w, left + core + halo)
-            x = _stacked_input(model, generated, reference, mask, y0, x0, y1 - y0, x1 - x0, dtype, device)
-            # Pad (only ever at the image's bottom/right) exactly as the untiled pass would.
-            x = F.pad(x, (0, (x1 - x0) - x.shape[-1], 0, (y1 - y0) - x.shape[-2]), mode="replicate")
+            x = _stacked_input(model, generated, reference, mask, row_index[y0:y1], col_index[x0:x1], dtype, device)
             feats = model.prior_encoder.features(x)
             cy, cx = (top - y0) // u, (left - x0) // u
             ch, cw = min(core, padded_h - top) // u, min(core, padded_w - left) // u
@@ -153,7 +177,10 @@ def compute_prior(model: DiffRIR, generated, reference, mask, *, tile: int, gene
 def restore_image(model: DiffRIR, generated: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, *,
                   tile: int = 512, overlap: int = 64, paste_back: bool = True, seed: int = 0,
                   check_interrupt: Callable[[], None] | None = None) -> torch.Tensor:
-    """Restore one image. generated/reference: [3, H, W] in 0..1, mask: [H, W] (1 = generated). Returns [3, H, W]."""
+    """Restore one image. generated/reference: [3, H, W] in 0..1, mask: [H, W] (1 = generated). Returns [3, H, W].
+
+    The mask is used as given: `restore_images` binarises it first unless asked for the soft mask.
+    """
     config = model.config
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     height, width = generated.shape[-2:]
@@ -176,7 +203,8 @@ def restore_image(model: DiffRIR, generated: torch.Tensor, reference: torch.Tens
             if check_interrupt:
                 check_interrupt()
             h, w = len(wy), len(wx)
-            x = _stacked_input(model, generated, reference, mask, top, left, h, w, dtype, device)
+            x = _stacked_input(model, generated, reference, mask, slice(top, top + h), slice(left, left + w),
+                               dtype, device)
             y = model.restorer(pad_to_multiple(x, config.multiple), prior)[0, :, :h, :w].float().cpu()
             weight = (wy / row_sum[top:top + h])[:, None] * (wx / col_sum[left:left + w])[None, :]
             out[:, top:top + h, left:left + w] += y * weight
@@ -189,10 +217,16 @@ def restore_image(model: DiffRIR, generated: torch.Tensor, reference: torch.Tens
 
 def restore_images(model: DiffRIR, generated: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, *,
                    tile: int = 512, overlap: int = 64, paste_back: bool = True, seed: int = 0,
-                   on_image_done: Callable[[int], None] | None = None,
+                   soft_mask: bool = False, on_image_done: Callable[[int], None] | None = None,
                    check_interrupt: Callable[[], None] | None = None) -> torch.Tensor:
-    """ComfyUI layout in and out: IMAGE [B, H, W, C], MASK [B, H, W]; one image at a time; seed + i per image."""
+    """ComfyUI layout in and out: IMAGE [B, H, W, C], MASK [B, H, W]; one image at a time; seed + i per image.
+
+    soft_mask=False (the official script) binarises the mask at 0.5; True uses its values as they are,
+    for the network's input and for the paste-back blend (the pack's own option, not DiffRIR's).
+    """
     generated, reference, mask = check_inputs(generated, reference, mask)
+    if not soft_mask:
+        mask = binarize_mask(mask)
     results = []
     for i in range(generated.shape[0]):
         out = restore_image(model, generated[i].permute(2, 0, 1), reference[i].permute(2, 0, 1), mask[i],

@@ -7,9 +7,11 @@ then os.replace) so a crash never leaves half a file under the loader's name.
 The official DiffRIR/DiffIR checkpoint (a basicsr `.pth`: {"params_ema": ...} or {"params": ...},
 keys such as `G.encoder_level1.0.attn.kernel.0.weight`, `condition.E.0.weight`,
 `denoise.resmlp.0.weight`) is read with torch.load(weights_only=True) only, its sizes are inferred
-from the tensor shapes, and its keys are renamed to this module's. If torch refuses the file (it
-holds more than tensors), convert it once, offline, in an environment you trust, as the README
-shows; the resulting .safetensors with official keys loads here too.
+from the tensor shapes (the feed-forward width per level, as the official int(width · 2.2)), and its
+keys are renamed to this module's. Only the x1 network (same-size restoration) is accepted; the x2/x4
+super-resolution variants and stage-one checkpoints get an error naming what was found. To get a
+.safetensors, `python -m mmig_core.diffrir.convert` (see `convert`); a .safetensors with the official
+keys loads here too.
 """
 from __future__ import annotations
 
@@ -82,34 +84,90 @@ def is_official_state_dict(state: dict) -> bool:
     return any(k.removeprefix("module.").startswith(("G.patch_embed", "condition.E.")) for k in state)
 
 
+# The official DiffRIRS2's first convolutions by scale: the input stacked for that scale, pixel-unshuffled.
+OFFICIAL_SCALES = {
+    96: "x1 (inference_diffrir.py --scale 1): the generated image + the masked reference, 6 channels, "
+        "pixel-unshuffled by 4; same-size output",
+    60: "x2 (options/train_DiffRIRS2_x2.yml): a half-size image + the masked reference unshuffled by 2, "
+        "15 channels, unshuffled by 2 again; 2x super-resolved output",
+    51: "x4 (options/train_DiffRIRS2_x4.yml): a quarter-size image + the masked reference unshuffled by 4, "
+        "51 channels; 4x super-resolved output",
+}
+ACCEPTED = ("accepted: the official DiffRIRS2 x1 checkpoint (96 input channels at G.patch_embed; any width, "
+            "block counts, heads, ffn_expansion_factor and LayerNorm type), or a .safetensors written by this "
+            "pack (config in its metadata)")
+LEVELS = ("encoder_level1", "encoder_level2", "encoder_level3", "latent")
+
+
+def ffn_expansion_for(widths: list[int], hidden: list[int]) -> float:
+    """The factor f with int(width * f) == hidden at every level, as the official FeedForward computes it.
+
+    The official network takes int(width · 2.2) at each level (140, 281, 563, 1126 for width 64), so no
+    single ratio hidden/width fits all levels; the shortest decimal in the intersection of the levels'
+    intervals [h / w, (h + 1) / w) does, and is what the published configs write.
+    """
+    low = max(h / w for w, h in zip(widths, hidden))
+    high = min((h + 1) / w for w, h in zip(widths, hidden))
+    for digits in range(1, 9):
+        step = 10 ** -digits
+        candidate = round(math.ceil(low / step - 1e-9) * step, digits)
+        for f in (candidate, round(candidate + step, digits)):
+            if low <= f < high and all(int(w * f) == h for w, h in zip(widths, hidden)):
+                return f
+    raise ValueError(f"feed-forward widths {hidden} at level widths {widths} fit no single ffn_expansion_factor")
+
+
+def describe_official(state: dict) -> str:
+    """What an official-looking checkpoint is, in the words of its config, for error messages."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    parts = []
+    embed = state.get("G.patch_embed.proj.weight")
+    if embed is not None:
+        parts.append(f"G.patch_embed {list(embed.shape)} (dim {embed.shape[0]}, {embed.shape[1]} input channels)")
+    cpen = state.get("condition.E.0.weight")
+    if cpen is not None:
+        parts.append(f"condition.E.0 {cpen.shape[1]} input channels")
+    if not any(k.startswith("denoise.") for k in state):
+        parts.append("no denoise.* keys (a stage-one DiffRIRS1 teacher, which needs the ground truth at inference)")
+    return ", ".join(parts) or "no G.patch_embed / condition.E keys"
+
+
 def infer_official_config(state: dict) -> DiffRIRConfig:
-    """The sizes of an official checkpoint, read from its tensor shapes."""
+    """The sizes of an official checkpoint, read from its tensor shapes; other scales/stages are refused."""
     state = {k.removeprefix("module."): v for k, v in state.items()}
 
     def count(prefix):
         return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
 
     embed = state["G.patch_embed.proj.weight"]
-    dim = embed.shape[0]
-    out_conv = max((k for k in state if re.match(r"^G\.tail\.1\.weight$", k)), default=None)
-    image_channels = state[out_conv].shape[0] if out_conv else 3
-    unshuffle = int(round((embed.shape[1] / (2 * image_channels)) ** 0.5))
-    ffn_hidden = state["G.encoder_level1.0.ffn.project_out.weight"].shape[1]
-    heads = tuple(state[f"G.{level}.0.attn.temperature"].shape[0]
-                  for level in ("encoder_level1", "encoder_level2", "encoder_level3", "latent"))
+    dim, in_channels = embed.shape[0], embed.shape[1]
+    if in_channels != 96 or not any(k.startswith("denoise.") for k in state):
+        found = OFFICIAL_SCALES.get(in_channels) if any(k.startswith("denoise.") for k in state) else None
+        if found:
+            raise ModelFilesError(f"this official DiffRIR checkpoint is {found} [{describe_official(state)}]; the "
+                                  f"pack restores at the image's own size only ({ACCEPTED}).")
+        raise ModelFilesError(f"this checkpoint is not one the pack can run: {describe_official(state)} ({ACCEPTED}).")
+    image_channels = state["G.tail.1.weight"].shape[0]
+    unshuffle = int(round((in_channels / (2 * image_channels)) ** 0.5))
+    widths = [dim * 2 ** level for level in range(4)]
+    hidden = [state[f"G.{level}.0.ffn.project_out.weight"].shape[1] for level in LEVELS]
+    heads = tuple(state[f"G.{level}.0.attn.temperature"].shape[0] for level in LEVELS)
     prior_dim = state["condition.mlp.0.weight"].shape[0]
     res_blocks = sum(1 for i in range(64) if f"condition.E.{i}.body.0.weight" in state)
     betas = state.get("diffusion.betas")
     timesteps = betas.shape[0] if betas is not None else 4
+    try:
+        ffn = ffn_expansion_for(widths, hidden)
+    except ValueError as e:
+        raise ModelFilesError(f"this official DiffRIR checkpoint does not fit the official network: {e}") from None
     return DiffRIRConfig(
         image_channels=image_channels, unshuffle=unshuffle, dim=dim,
-        num_blocks=tuple(count(f"G.{level}.") for level in
-                         ("encoder_level1", "encoder_level2", "encoder_level3", "latent")),
-        num_refinement_blocks=count("G.refinement."), heads=heads, ffn_expansion_factor=ffn_hidden / dim,
+        num_blocks=tuple(count(f"G.{level}.") for level in LEVELS),
+        num_refinement_blocks=count("G.refinement."), heads=heads, ffn_expansion_factor=ffn,
         bias="G.encoder_level1.0.attn.qkv.bias" in state,
         layernorm_with_bias="G.encoder_level1.0.norm1.body.bias" in state,
         prior_dim=prior_dim, prior_features=state["condition.E.0.weight"].shape[0], prior_res_blocks=res_blocks,
-        denoise_res_blocks=count("denoise.resmlp.") - 1,  # the first Linear, then the ResMLPs
+        denoise_res_blocks=count("denoise.resmlp.") - 1,  # [Linear, LeakyReLU, ResMLP x n]; ReLU has no keys
         timesteps=timesteps,
         # float32 in the file: round away the storage error (the schedule is defined by two short decimals)
         linear_start=round(float(betas[0]), 6) if betas is not None else 0.1,
@@ -163,8 +221,9 @@ def load_diffrir(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32)
         except Exception as e:
             raise ModelFilesError(
                 f"{path} cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e}); the pack "
-                f"never unpickles other objects. Convert it once, offline, to safetensors as the README's DiffRIR "
-                f"section shows, and put the .safetensors in models/diffrir/.") from None
+                f"never unpickles other objects. If you trust the file, convert it once, offline: `python -m "
+                f"mmig_core.diffrir.convert IN.pth OUT.safetensors --trust-pickle`, and put the .safetensors in "
+                f"models/diffrir/.") from None
         state = _unwrap_checkpoint(raw, path)
         metadata = {}
     else:
@@ -180,12 +239,17 @@ def load_diffrir(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32)
         try:
             config = infer_official_config(state)
         except KeyError as e:
-            raise ModelFilesError(f"{path} looks like an official DiffRIR checkpoint but lacks {e}.") from None
+            raise ModelFilesError(f"{path} looks like an official DiffRIR checkpoint but lacks {e} "
+                                  f"(found: {describe_official(state)}; {ACCEPTED}).") from None
+        except ModelFilesError as e:
+            raise ModelFilesError(f"{path}: {e}") from None
         state = map_official_state_dict(state, config)
     else:
+        prefixes = sorted({k.removeprefix("module.").split(".")[0] for k in state})
         raise ModelFilesError(
             f"{path} is neither a DiffRIR file written by this pack (no '{CONFIG_KEY}' metadata) nor an official "
-            f"DiffRIR checkpoint (no G.patch_embed / condition.E keys).")
+            f"DiffRIR checkpoint (no G.patch_embed / condition.E keys; its keys start with "
+            f"{', '.join(prefixes[:8]) or 'nothing'}); {ACCEPTED}.")
     model = load_into(DiffRIR(config), state, str(path))
     return model.to(dtype).eval().requires_grad_(False)
 

@@ -102,3 +102,58 @@ def test_weights_for_another_config_name_the_keys(host, tiny_models):
     assert "restorer.decoder1.0.attn.qkv.weight (file [48, 16, 1, 1], config [96, 32, 1, 1])" in result.error
     ok = host.run_graph(restore_graph(seed=99)).check()
     assert len(saved_images(host, ok)) == 1
+
+
+def write_official_checkpoint(host, name, variant=None):
+    """A .pth in the official layout into the host's models/diffrir/: the conformance fixture's small network
+    (seeded weights, shared tensors as in a real checkpoint), or random tensors at a manifest entry's shapes."""
+    import torch
+
+    from devtools.conformance.diffrir import manifest_entry, official_checkpoint, small_official_checkpoint
+    state = small_official_checkpoint() if variant is None else official_checkpoint(manifest_entry(variant))
+    target = host.scratch_models / "diffrir" / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"params_ema": state}, target)
+    return target
+
+
+def test_an_official_checkpoint_restores_through_the_nodes(host):
+    write_official_checkpoint(host, "official-small.pth")
+    graph = restore_graph("official-small.pth", width=56, height=40, seed=21)
+    graph["5"]["inputs"]["soft_mask"] = False
+    [image] = saved_images(host, host.run_graph(graph).check())
+    assert image.shape == (40, 56, 3)
+    generated = np.array([(GENERATED_COLOR >> 16) & 255, (GENERATED_COLOR >> 8) & 255, GENERATED_COLOR & 255])
+    assert np.abs(image.astype(int) - generated).mean() < 60  # a small residual on the generated image
+
+
+def test_an_official_x2_checkpoint_is_refused_by_name(host):
+    write_official_checkpoint(host, "official-x2.pth", variant="small_x2")
+    result = host.run_graph(restore_graph("official-x2.pth"))
+    assert not result.ok and "x2 (options/train_DiffRIRS2_x2.yml)" in result.error, result.error
+    assert "accepted: the official DiffRIRS2 x1 checkpoint" in result.error
+    ok = host.run_graph(restore_graph(seed=22)).check()
+    assert len(saved_images(host, ok)) == 1
+
+
+@pytest.mark.parametrize("soft_mask", [False, True])
+def test_a_soft_mask_is_binarised_unless_soft_mask_is_on(host, soft_mask):
+    graph = restore_graph(mask_value=0.3, seed=30 + soft_mask)
+    graph["5"]["inputs"]["soft_mask"] = soft_mask
+    [image] = saved_images(host, host.run_graph(graph).check())
+    reference = np.array([(REFERENCE_COLOR >> 16) & 255, (REFERENCE_COLOR >> 8) & 255, REFERENCE_COLOR & 255])
+    # 0.3 < 0.5: binarised, nothing counts as generated and the reference comes back exactly; soft, 30 % blends in.
+    assert (image == reference.astype(np.uint8)).all() != soft_mask
+
+
+def test_the_published_x1_checkpoint_loads_and_runs_in_the_host(host):
+    """Random tensors with exactly the names and shapes of the official network at inference_diffrir.py's config."""
+    import torch
+
+    from devtools.conformance.diffrir import manifest_entry, official_checkpoint
+    target = host.scratch_models / "diffrir" / "DiffRIR-x1-published.pth"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"params": official_checkpoint(manifest_entry("x1"))}, target)
+    graph = restore_graph(target.name, width=40, height=36, seed=40)
+    [image] = saved_images(host, host.run_graph(graph).check())
+    assert image.shape == (36, 40, 3)

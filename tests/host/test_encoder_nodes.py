@@ -93,7 +93,7 @@ def test_long_description_is_chunked_by_the_host_clip_encoder(host):
     assert info["shape"][1] % 77 == 0 and info["shape"][1] // 77 >= 3
 
 
-def describe_graph(mode="llmga prompt", when_missing="use whole response", prefix="", color=0x778899):
+def describe_graph(mode="llmga prompt", when_missing="use whole response", prefix="", color=0x778899, **extra):
     return {
         "1": image(40, 32, color),
         "2": {"class_type": "MMIG_MultimodalPrompt", "inputs": {"text": "<image1> make it a winter scene",
@@ -103,7 +103,7 @@ def describe_graph(mode="llmga prompt", when_missing="use whole response", prefi
         "4": {"class_type": "MMIG_MLLMDescribe", "inputs": {
             "vlm": ["3", 0], "mm_prompt": ["2", 0], "mode": mode, "when_tags_missing": when_missing,
             "max_new_tokens": 12, "history": "User: hello\nAssistant: hi, send me an image",
-            "filename_prefix": prefix}},
+            "filename_prefix": prefix, **extra}},
     }
 
 
@@ -119,6 +119,21 @@ def test_llmga_missing_tags_error_option(host):
     # A random-weight model never writes <gen_image> tags: 'error' must say so, and name the fix.
     result = host.run_graph(describe_graph(when_missing="error", color=0x112233))
     assert not result.ok and "<gen_image>" in result.error and "when_tags_missing" in result.error
+
+
+def test_llmga_edit_task_runs_two_turns_in_the_released_format(host):
+    """prompt_style llmga and task edit: 'Generate a similar image' with the image, then the prompt's text as the
+    instruction; the response output holds both turns in the history format, which another Describe reads."""
+    graph = describe_graph(prompt_style="llmga", task="edit", color=0x445566)
+    graph["5"] = {"class_type": "MMIG_MLLMDescribe", "inputs": {
+        "vlm": ["3", 0], "mm_prompt": ["2", 0], "mode": "describe", "when_tags_missing": "use whole response",
+        "max_new_tokens": 4, "history": ["4", 1], "prompt_style": "pack"}}
+    result = host.run_graph(graph).check()
+    assert result.outputs["4"]["text"][0].strip() and "5" in result.outputs
+    inpaint = host.run_graph(describe_graph(prompt_style="llmga", task="inpaint", color=0x445566)).check()
+    assert inpaint.outputs["4"]["text"][0].strip()
+    assert not host.run_graph(describe_graph(prompt_style="llmga", task="rewrite", color=0x445566)).ok
+    assert host.run_graph(describe_graph(mode="describe", color=0x445567)).ok  # old graphs: no new inputs
 
 
 @pytest.mark.parametrize("text, message", [
@@ -162,6 +177,20 @@ def test_untrained_mm_adapter_is_listed_apart_and_changes_nothing(host):
     with_adapter["4"]["inputs"]["mm_adapter_name"] = "mm-fresh.safetensors"
     assert conditioning_info(host.run_graph(with_adapter).check()) == plain
 
+
+def test_mm_adapter_in_the_old_layout_is_refused_with_the_retrain_command_and_the_host_keeps_serving(host):
+    import torch
+
+    from mmig_core.mm_adapter import FORMAT
+    from mmig_core.model_files import save_safetensors_atomic
+    old = {f"adapters.0.experts.{e}.down.weight": torch.zeros(8, 64, 1) for e in range(2)}  # the v1 layout
+    save_safetensors_atomic(old, host.scratch_models / "mmig" / "mm-v1.safetensors",
+                            {"format": FORMAT, "config": '{"dim": 64, "num_layers": 2}'})
+    graph = mumu_graph(sample=False, color=0x556677)
+    graph["4"]["inputs"]["mm_adapter_name"] = "mm-v1.safetensors"
+    result = host.run_graph(graph)
+    assert not result.ok and "layout version 1" in result.error and "python -m training mmig" in result.error
+    assert host.run_graph(mumu_graph(sample=False, color=0x556677)).ok
 
 def test_vlm_lora_changes_the_conditioning_and_strength_zero_does_not(host, tiny_models):
     from devtools.tiny_models import TINY_MUMU_BUNDLE

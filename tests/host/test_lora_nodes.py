@@ -1,4 +1,5 @@
-"""MMIG LoRA Merge inside a real ComfyUI server, on the tiny SDXL and tiny LoRAs in the three layouts."""
+"""MMIG LoRA Merge inside a real ComfyUI server, on the tiny SDXL: tiny LoRAs in the three layouts, and one file
+per format the host's Load LoRA reads, each merged by both nodes and compared weight by weight."""
 import subprocess
 import sys
 
@@ -7,7 +8,8 @@ import torch
 from safetensors import safe_open
 
 from devtools.paths import REPO_ROOT
-from devtools.tiny_lora import LORA_TARGETS, expected_merge, random_lora, unet_weights, write_lora
+from devtools.tiny_lora import (LORA_TARGETS, expected_merge, format_state_dict, kohya_name, random_lora, unet_tensors,
+                                unet_weights, write_lora)
 from devtools.tiny_models import TINY_IDEFICS2, TINY_SDXL
 from devtools.tiny_mumu_bundle import build_bundle
 
@@ -167,3 +169,70 @@ def test_the_loaders_list_the_tiny_lora_and_bundle(host):
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
         "2": merge(["1", 0], "no-such-lora.safetensors")})
     assert missing.error and "ComfyUI/models/loras/" in missing.error
+
+
+# Formats whose file both nodes read; DoRA (the pinned host's loader skips dora_scale) and LoKr's Tucker convs (the
+# host's own computation fails) are the two that differ, tested below.
+SAME_AS_LOAD_LORA = ("locon", "tucker_locon", "loha", "loha_tucker", "lokr", "diff")
+
+
+def test_every_format_gives_exactly_the_weights_of_the_hosts_load_lora(host, tiny_models):
+    tensors = unet_tensors(tiny_models / TINY_SDXL)
+    folder = host.scratch_models / "loras"
+    keys = [f"diffusion_model.{m}.weight" for m in LORA_TARGETS] + [
+        f"diffusion_model.{m}.bias" for m in LORA_TARGETS if f"{m}.bias" in tensors]
+    graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}}}
+    for fmt in SAME_AS_LOAD_LORA + ("dora",):
+        from mmig_core.lora import save_lora_file
+        name = f"mmig-test-format-{fmt}.safetensors"
+        save_lora_file(format_state_dict(tensors, fmt, seed=7), folder / name)
+        graph[f"{fmt}_host"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": ["1", 0], "lora_name": name, "strength_model": STRENGTH}}
+        graph[f"{fmt}_pack"] = merge(["1", 0], name)
+        for side in ("host", "pack"):
+            graph[f"{fmt}_{side}_w"] = {"class_type": "MMIGTest_WeightValues",
+                                        "inputs": {"model": [f"{fmt}_{side}", 0], "keys": ",".join(keys)}}
+    result = host.run_graph(graph).check()
+
+    def values(node):
+        return {k: torch.tensor(v["values"], dtype=torch.float64) for k, v in result.outputs[node]["weights"][0].items()}
+
+    for fmt in SAME_AS_LOAD_LORA:
+        by_host, by_pack = values(f"{fmt}_host_w"), values(f"{fmt}_pack_w")
+        changed = [k for k in keys if not torch.equal(by_host[k], torch.tensor(
+            tensors[k[len("diffusion_model."):]].flatten().tolist(), dtype=torch.float64))]
+        assert len(changed) >= len(LORA_TARGETS), (fmt, len(changed))  # the host's loader did merge them
+        for key in keys:
+            assert torch.equal(by_pack[key], by_host[key]), (fmt, key)
+        assert "(100.0 %)" in result.outputs[f"{fmt}_pack"]["text"][0]
+    # DoRA: the pinned host's Load LoRA merges it as a plain LoRA (it skips dora_scale); the pack does not.
+    # A host that reads dora_scale applies it itself, and both nodes agree again.
+    report = result.outputs["dora_pack"]["text"][0]
+    by_host, by_pack = values("dora_host_w"), values("dora_pack_w")
+    if "DoRA computed by the pack" in report:
+        assert all(not torch.equal(by_pack[k], by_host[k]) for k in keys if k.endswith(".weight"))
+    else:
+        assert all(torch.equal(by_pack[k], by_host[k]) for k in keys)
+
+
+def test_what_the_host_cannot_apply_is_an_error_naming_it_and_the_host_keeps_serving(host, tiny_models):
+    tensors = unet_tensors(tiny_models / TINY_SDXL)
+    folder = host.scratch_models / "loras"
+    from mmig_core.lora import save_lora_file
+    save_lora_file(format_state_dict(tensors, "lokr_tucker", seed=7), folder / "mmig-test-lokr-tucker.safetensors")
+    save_lora_file({"emb_params": torch.zeros(2, 768)}, folder / "mmig-test-embedding.safetensors")
+    load = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}}}
+
+    failed = host.run_graph({**load, "2": merge(["1", 0], "mmig-test-lokr-tucker.safetensors")})
+    tucker_convs = [kohya_name(m) for m in LORA_TARGETS if tensors[m + ".weight"].ndim == 4
+                    and tensors[m + ".weight"].shape[-1] == 3]
+    assert failed.error and "min_matched_fraction" in failed.error
+    assert all(name in failed.error for name in tucker_convs)
+    embedding = host.run_graph({**load, "2": merge(["1", 0], "mmig-test-embedding.safetensors")})
+    assert embedding.error and "textual-inversion embedding" in embedding.error
+
+    # Lowered on purpose: the rest merges and the report names what was dropped.
+    ok = host.run_graph({**load, "2": merge(["1", 0], "mmig-test-lokr-tucker.safetensors",
+                                            min_matched_fraction=0.5)}).check()
+    report = ok.outputs["2"]["text"][0]
+    assert "DROPPED, not merged (3)" in report and all(name in report for name in tucker_convs)

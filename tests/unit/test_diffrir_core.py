@@ -108,6 +108,39 @@ def test_the_prior_is_the_same_tiled_and_untiled(tiny):
         torch.testing.assert_close(prior, priors[0], rtol=1e-4, atol=1e-5)
 
 
+def test_the_prior_sees_the_image_reflect_padded_to_32(tiny):
+    """As inference_diffrir.py's pad_test: the whole stacked input, reflect-padded at the bottom/right."""
+    import torch.nn.functional as F
+
+    from mmig_core.diffrir.restore import compute_prior
+    g = torch.Generator().manual_seed(4)
+    generated, reference = torch.rand(3, 70, 45, generator=g), torch.rand(3, 70, 45, generator=g)
+    mask = torch.zeros(70, 45)
+    mask[10:40, 5:30] = 1
+    x = tiny.make_input(generated[None], reference[None], mask[None, None])
+    padded = F.pad(x, (0, 64 - 45, 0, 96 - 70), mode="reflect")
+    expected = tiny.prior_from_condition(tiny.prior_encoder(padded), torch.Generator().manual_seed(3))
+    replicated = tiny.prior_from_condition(tiny.prior_encoder(F.pad(x, (0, 19, 0, 26), mode="replicate")),
+                                           torch.Generator().manual_seed(3))
+    for tile in (0, 32):
+        prior = compute_prior(tiny, generated, reference, mask, tile=tile, generator=torch.Generator().manual_seed(3))
+        error = (prior - expected).abs().max()
+        assert error < 1e-7, (tile, error)  # measured: 0 untiled, 7e-9 tiled
+    assert (replicated - expected).abs().max() > 1e-5  # measured 6.5e-5: the padding mode shows in the prior
+
+
+def test_the_mask_is_binarised_at_one_half_unless_soft_mask(tiny):
+    images, reference = torch.rand(1, 32, 40, 3), torch.rand(1, 32, 40, 3)
+    soft = torch.linspace(0, 1, 40).expand(1, 32, 40).contiguous()
+    hard = (soft >= 0.5).float()
+    binarised = restore_images(tiny, images, reference, soft, tile=0)
+    assert torch.equal(binarised, restore_images(tiny, images, reference, hard, tile=0))
+    assert torch.equal(binarised[:, :, :20], reference[:, :, :20])  # below 0.5: the reference, exactly
+    kept_soft = restore_images(tiny, images, reference, soft, tile=0, soft_mask=True)
+    assert not torch.equal(kept_soft, binarised)
+    assert not torch.equal(kept_soft[:, :, 1:20], reference[:, :, 1:20])  # soft: blended where 0 < mask < 0.5
+
+
 def test_seed_changes_only_what_the_diffusion_prior_drives(tiny):
     images, reference, mask = torch.rand(1, 32, 32, 3), torch.rand(1, 32, 32, 3), torch.ones(1, 32, 32)
     a = restore_images(tiny, images, reference, mask, tile=0, seed=1)

@@ -24,3 +24,18 @@ def test_missing_or_unbalanced_tags_give_none(response):
 
 def test_strip_tags_keeps_the_words():
     assert strip_tags("<gen_img>never closed  text") == "never closed text"
+
+
+def test_llmga_checkpoints_are_detected_from_config_or_name():
+    from mmig_core.llmga_tags import is_llmga, resolve_prompt_style
+    llava = {"model_type": "llava_llama", "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+             "mm_projector_type": "mlp2x_gelu"}
+    assert is_llmga(llava) and is_llmga({"model_type": "llava_Qwen2"})
+    assert is_llmga({"model_type": "llama", "mm_vision_tower": "x", "mm_projector_type": "linear"})
+    assert is_llmga({"model_type": "idefics2"}, "llmga-idefics2-finetune")
+    assert not is_llmga({"model_type": "idefics2"}, "idefics2-8b")
+    assert resolve_prompt_style("auto", {"model_type": "idefics2"}, "idefics2-8b") == "pack"
+    assert resolve_prompt_style("auto", llava, "any") == "llmga"
+    assert resolve_prompt_style("pack", llava) == "pack" and resolve_prompt_style("llmga", {}) == "llmga"
+    with pytest.raises(ValueError, match="auto, llmga, pack"):
+        resolve_prompt_style("llava", {})

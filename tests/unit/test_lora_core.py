@@ -158,3 +158,80 @@ def test_export_takes_a_bundle_folder(tiny_models, weights, tmp_path):
     original, _ = core.load_lora_file(bundle / "unet_lora.safetensors")
     assert exported.keys() == original.keys()
     assert all(torch.equal(exported[k], original[k]) for k in original)
+
+
+# --- Around the host's loader: key families, spellings, DoRA -------------------------------------------------
+
+@pytest.mark.parametrize("key, module, suffix", [
+    ("lora_unet_input_blocks_4_1_proj_in.lora_down.weight", "lora_unet_input_blocks_4_1_proj_in", ".lora_down.weight"),
+    ("lora_unet_x.lora_mid.weight", "lora_unet_x", ".lora_mid.weight"),
+    ("lora_unet_x.hada_t1", "lora_unet_x", ".hada_t1"), ("lora_unet_x.lokr_w2_b", "lora_unet_x", ".lokr_w2_b"),
+    ("unet.a.attn1.processor.to_q_lora.up.weight", "unet.a.attn1.processor.to_q", "_lora.up.weight"),
+    ("base_model.model.a.b.lora_A.weight", "base_model.model.a.b", ".lora_A.weight"),
+    ("lora_unet_x.dora_scale", "lora_unet_x", ".dora_scale"), ("lora_unet_x.diff_b", "lora_unet_x", ".diff_b"),
+    ("something.else", "something", ".else"),
+])
+def test_a_key_splits_into_its_module_and_tensor(key, module, suffix):
+    assert core.split_lora_key(key) == (module, suffix)
+
+
+def test_module_kinds_and_file_kinds_are_named():
+    assert core.module_kind([".lora_up.weight", ".lora_down.weight", ".alpha"]) == "LoRA"
+    assert core.module_kind([".lora_up.weight", ".lora_down.weight", ".lora_mid.weight"]) == "Tucker LoCon"
+    assert core.module_kind([".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2"]) \
+        == "LoHa (Tucker)"
+    assert core.module_kind([".lora_up.weight", ".lora_down.weight", ".dora_scale"]) == "LoRA + DoRA"
+    assert core.module_kind([".diff_b"]) == "bias diff" and core.module_kind([".diff", ".diff_b"]) == "full diff"
+    assert "textual-inversion" in core.file_kind({"emb_params": None})
+    assert "full checkpoint" in core.file_kind({"model.diffusion_model.out.2.weight": None})
+    assert "OFT/BOFT" in core.file_kind({"lora_unet_x.oft_blocks": None})
+    assert core.file_kind({"a.b": None}).startswith("unknown tensors")
+
+
+def test_other_layouts_are_respelled_in_the_kohya_names_the_host_maps():
+    assert core.kohya_module_name("base_model.model.down_blocks.1.attentions.0.proj_in") == \
+        "lora_unet_down_blocks_1_attentions_0_proj_in"
+    assert core.kohya_module_name("unet.mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_out") == \
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0"
+    assert core.kohya_module_name("diffusion_model.input_blocks.4.1.proj_in") == "lora_unet_input_blocks_4_1_proj_in"
+    assert core.kohya_module_name("lora_unet_input_blocks_4_1_proj_in") is None
+    assert core.kohya_tensor_suffix(".lora_A.weight") == ".lora_down.weight"
+    assert core.kohya_tensor_suffix(".lora.up.weight") == ".lora_up.weight"
+    assert core.kohya_tensor_suffix(".hada_w1_a") == ".hada_w1_a"
+
+
+@pytest.mark.parametrize("axis", ["output", "input"])
+def test_dora_change_rescales_each_channel_to_its_magnitude(axis):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 5, 3, 3, generator=generator)
+    delta = 0.1 * torch.randn(6, 5, 3, 3, generator=generator)
+    merged = (weight + delta).double()
+    if axis == "output":  # per output channel; the norm is of W, as the newest host takes it
+        scale = torch.rand(6, 1, 1, 1, generator=generator) + 0.5
+        norm = weight.double().flatten(1).norm(dim=1).reshape(6, 1, 1, 1)
+    else:
+        scale = torch.rand(1, 5, 1, 1, generator=generator) + 0.5
+        norm = merged.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, 5, 1, 1)
+    expected = merged * scale.double() / norm - weight.double()
+    change = core.dora_weight_change(weight, delta, scale)
+    assert change.dtype == torch.float32
+    assert (change.double() - expected).abs().max().item() <= 1e-5
+    if axis == "input":  # W + change has exactly the magnitude dora_scale per input channel
+        result = (weight + change).double().transpose(0, 1).flatten(1).norm(dim=1)
+        assert torch.allclose(result, scale.double().flatten(), atol=1e-5)
+
+
+def test_the_encoder_lora_and_mmsm_nodes_import_no_other_node_file():
+    """The loaded-model types live in nodes/_loaded.py, so no node file imports another (no import circle)."""
+    import ast
+    shared = {"_host", "_loaded", "_host_lora"}
+    for name in ("encoder", "lora", "mmsm"):
+        tree = ast.parse((REPO_ROOT / "nodes" / f"{name}.py").read_text())
+        siblings = {node.module.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+        siblings |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                     and node.level == 1 and not node.module for alias in node.names}
+        top_level = {node.module.split(".")[0] for node in tree.body
+                     if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+        assert top_level <= shared, (name, top_level)
+        assert siblings - shared <= ({"lora"} if name == "encoder" else set()), (name, siblings)

@@ -16,7 +16,7 @@ from PIL import Image
 from mmig_core.mm_prompt import build_prompt
 from training.data import IMAGE_PLACEHOLDER, MANIFEST_NAME
 from training.data.__main__ import main as cli
-from training.data.filters import HEAD_QUERY, Detection, FilterConfig, head_box, interleave, pair_rng, select_crops
+from training.data.filters import HEAD_QUERY, Detection, FilterConfig, find_head, head_box, interleave, select_crops
 from training.data.nouns import DEFAULT_NOUNS, NounMatcher, load_nouns
 from training.data.reader import BootstrapDataset, CorruptShardError, shard_urls
 from training.data.shards import BootstrapConfig, bootstrap, file_sha256, read_pairs
@@ -52,7 +52,7 @@ def test_area_limits_drop_small_and_large_boxes():
                   Detection("horse", (0, 0, 400, 301), 0.9),  # 120400 px: too large
                   Detection("bird", (0, 50, 400, 350), 0.7),  # exactly 75 %: kept
                   Detection("car", (-50, -50, 100, 100), 0.9)]  # clamped to 100x100: too small
-    crops = select_crops(matches_for(caption), detections, 400, 400, pair_rng(0, "k"), stats=stats)
+    crops = select_crops(matches_for(caption), detections, 400, 400, stats=stats)
     assert [(c.match.noun, c.box) for c in crops] == [("dog", (10, 10, 160, 160)), ("bird", (0, 50, 400, 350))]
     assert stats["dropped_small"] == 2 and stats["dropped_large"] == 1
 
@@ -63,30 +63,30 @@ def test_at_most_three_crops_highest_score_first_in_caption_order():
     detections = [Detection(noun, (0, 0, 200, 200), score) for noun, score in scores.items()]
     detections.append(Detection("cat", (0, 0, 300, 300), 0.95))  # the cat's best box beats the others
     stats = Counter()
-    crops = select_crops(matches_for(caption), detections, 1000, 1000, pair_rng(0, "k"), stats=stats)
+    crops = select_crops(matches_for(caption), detections, 1000, 1000, stats=stats)
     assert [c.match.noun for c in crops] == ["cat", "dog", "bird"]  # top 3 by score, back in caption order
     assert crops[0].box == (0, 0, 300, 300) and crops[0].score == pytest.approx(0.95)
     assert stats["dropped_over_cap"] == 2 and stats["dropped_same_noun"] == 1
-    assert len(select_crops(matches_for(caption), detections, 1000, 1000, pair_rng(0, "k"),
+    assert len(select_crops(matches_for(caption), detections, 1000, 1000,
                             FilterConfig(max_crops=1))) == 1
 
 
-def test_person_crops_become_head_crops_70_percent_of_2000_draws():
+def test_bootstrap_records_each_person_crop_with_its_head_box_and_draws_nothing():
     caption = "a woman holding an umbrella"
-    person_box = (100, 50, 500, 850)  # 400x800: its top square (400x400) passes the area limit
-    detections = [Detection("woman", person_box, 0.9), Detection("umbrella", (600, 0, 900, 300), 0.8)]
-    stats, kinds = Counter(), Counter()
-    for draw in range(2000):
-        crops = select_crops(matches_for(caption), detections, 1000, 1000, pair_rng(0, f"{draw:09d}"), stats=stats)
-        kinds.update(c.kind for c in crops)
-    rate = stats["head_swaps"] / stats["person_crops"]
-    assert stats["person_crops"] == 2000 and 0.65 <= rate <= 0.75, rate
-    assert kinds == {"object": 2000, "head": stats["head_swaps"], "person": 2000 - stats["head_swaps"]}
-    # The same seeds give the same draws; another seed gives other draws at the same rate.
-    again = Counter()
-    for draw in range(2000):
-        select_crops(matches_for(caption), detections, 1000, 1000, pair_rng(0, f"{draw:09d}"), stats=again)
-    assert again["head_swaps"] == stats["head_swaps"]
+    person_box = (100, 50, 500, 850)
+    detections = [Detection("woman", person_box, 0.9), Detection("umbrella", (600, 0, 900, 300), 0.8),
+                  Detection(HEAD_QUERY, (250, 60, 350, 170), 0.7)]
+    stats = Counter()
+    crops = select_crops(matches_for(caption), detections, 1000, 1000, stats=stats)
+    assert [(c.kind, c.box) for c in crops] == [("person", person_box), ("object", (600, 0, 900, 300))]
+    assert crops[0].to_json()["head_box"] == [250, 60, 350, 170] and crops[0].to_json()["head_source"] == "detected"
+    assert "head_box" not in crops[1].to_json()
+    assert stats["person_crops"] == 1 and stats["heads_detected"] == 1 and stats["heads_below_min_area"] == 1
+    undetected = select_crops(matches_for(caption), detections[:2], 1000, 1000)[0].to_json()
+    assert undetected["head_box"] == [100, 50, 500, 450] and undetected["head_source"] == "top_square"
+    # Deterministic: no draw left in the bootstrapper.
+    assert [c.to_json() for c in select_crops(matches_for(caption), detections, 1000, 1000)] == \
+        [c.to_json() for c in crops]
 
 
 def test_head_box_rule():
@@ -95,19 +95,14 @@ def test_head_box_rule():
     assert head_box((0, 0, 600, 400), [], 1000, 1000) == (200, 0, 400, 200)  # wide box: side 400 / 2, centred
     heads = [Detection(HEAD_QUERY, (250, 60, 350, 170), 0.5), Detection(HEAD_QUERY, (220, 60, 380, 240), 0.9),
              Detection(HEAD_QUERY, (700, 0, 900, 200), 0.99)]  # outside the person: ignored
-    assert head_box(person, heads, 1000, 1000) == (220, 60, 380, 240)
-    # A head crop below the minimum area keeps the person crop.
-    stats = Counter()
-    crops = select_crops(matches_for("a man"), [Detection("man", (0, 0, 140, 400), 0.9)], 1000, 1000,
-                         pair_rng(0, "k"), FilterConfig(head_probability=1.0), stats)
-    assert crops[0].kind == "person" and stats["head_too_small"] == 1
+    assert find_head(person, heads, 1000, 1000) == ((220, 60, 380, 240), True)
+    assert find_head(person, heads[2:], 1000, 1000) == ((100, 50, 500, 450), False)
 
 
 def test_interleave_puts_a_placeholder_before_each_word():
     caption = "A man walking his dog on the beach"
     detections = [Detection(n, (0, 0, 300, 300), s) for n, s in (("man", 0.9), ("dog", 0.8), ("beach", 0.7))]
-    crops = select_crops(matches_for(caption), detections, 1000, 1000, pair_rng(1, "k"),
-                         FilterConfig(head_probability=0.0))
+    crops = select_crops(matches_for(caption), detections, 1000, 1000)
     prompt = interleave(caption, crops)
     assert prompt == "A <image> man walking his <image> dog on the <image> beach"
     parsed = build_prompt(prompt, {i + 1: torch.zeros(1, 8, 8, 3) for i in range(len(crops))})
@@ -177,7 +172,9 @@ def test_bootstrap_writes_readable_deterministic_shards(tmp_path):
     assert len(BootstrapDataset(tmp_path / "out", min_crops=1)) == 5
     info = dataset.info(2)  # the JSON alone, no image decoded
     assert info["crops"] == dataset[2]["crop_info"] and info["prompt"] == dataset[2]["prompt"]
-    assert info["crops"][0]["kind"] in ("person", "head") and info["crops"][0]["word"] == "women"
+    assert info["crops"][0]["kind"] == "person" and info["crops"][0]["word"] == "women"
+    x0, y0, x1, y1 = info["crops"][0]["head_box"]
+    assert dataset[2]["heads"][0].size == (x1 - x0, y1 - y0) and dataset[2]["heads"][1] is None
     copy = pickle.loads(pickle.dumps(dataset))  # as a DataLoader worker gets it: no open file handles
     assert copy[5]["prompt"] == dataset[5]["prompt"] and len(copy) == 6
 

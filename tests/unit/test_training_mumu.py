@@ -189,9 +189,21 @@ def test_bootstrapped_shards_feed_the_recipe(trained):
     assert len(people) == 6
     batch = trained.recipe.collate([dataset[i] for i in range(2)])
     batch["sample_seed"] = SEEDS[:2]
+    before = trained.module.head_stats["person_crops"]
     with torch.no_grad():
-        loss, _terms = trained.module(batch)
+        loss, terms = trained.module(batch)
     assert torch.isfinite(loss)
+    # Head swaps are drawn at train time; these 16x12 px heads are under 150x150: person crops kept, counted.
+    assert terms["person_crops"] == 2 and terms["head_swaps"] == 0 and 0 <= terms["head_too_small"] <= 2
+    assert trained.module.head_stats["person_crops"] == before + 2
+    module = trained.module
+    saved = module.head_probability, module.head_min_area
+    try:
+        module.head_probability, module.head_min_area = 1.0, 16 * 12
+        drawn = module.draw_crops(batch)
+        assert [c.label for c in drawn[0]] == ["head", "object"] and tuple(drawn[0][0].image.shape) == (12, 16, 3)
+    finally:
+        module.head_probability, module.head_min_area = saved
 
 
 def test_stage2_continues_the_stage1_bundle_with_one_person_crop(trained, tiny_models, tmp_path):

@@ -85,6 +85,28 @@ def test_describe_is_deterministic_with_history(vlms):
         parse_history("hello")
 
 
+def test_llmga_system_prompt_and_task_templates_reach_the_model(vlms):
+    from mmig_core import llmga_tags
+    from mmig_core.vlm import chat_inputs, describe_edit
+    vlm = vlms[False]
+    prompt = build_prompt("<image1>", {1: two_images()[1]})
+    inputs = chat_inputs(vlm, prompt, system=llmga_tags.SYSTEM_PROMPT, template=llmga_tags.TASK_TEMPLATES["inpaint"])
+    text = vlm.processor.tokenizer.decode(inputs["input_ids"][0])
+    assert text.index("LLMGA") < text.index("<image>") < text.index("Inpaint this image.")
+    assert "between <gen_image> and </gen_image>" not in text  # no pack request in the released format
+    plain = vlm.processor.tokenizer.decode(chat_inputs(vlm, prompt)["input_ids"][0])
+    assert "LLMGA" not in plain and "Inpaint" not in plain
+
+    edit = build_prompt("<image1> make it winter", {1: two_images()[1]})
+    first, second, embeds = describe_edit(vlm, edit, llmga_tags.EDIT_FIRST_TURN, system=llmga_tags.SYSTEM_PROMPT,
+                                          max_new_tokens=4)
+    assert (first, second) == describe_edit(vlm, edit, llmga_tags.EDIT_FIRST_TURN, system=llmga_tags.SYSTEM_PROMPT,
+                                            max_new_tokens=4)[:2]
+    assert embeds.hidden_states.shape[-1] == vlm.hidden_size
+    with pytest.raises(ValueError, match="edit instruction"):
+        describe_edit(vlm, prompt, llmga_tags.EDIT_FIRST_TURN)
+
+
 def test_folder_errors_name_the_fix(folder, tmp_path):
     with pytest.raises(ModelFilesError, match="no vision tower"):
         from transformers import MistralConfig, MistralForCausalLM

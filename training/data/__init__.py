@@ -17,12 +17,15 @@ Pipeline per pair (`training.data.filters`):
      word is present); boxes clamped to the image.
   3. drop boxes whose area is below 150x150 px or above 75 % of the image area;
   4. one box per noun (its best score), then at most 3 crops per prompt (highest score first);
-  5. a person crop becomes a head crop 70 % of the time: the best "head" detection whose centre lies in
-     the person box, else the top-centred square of the box with side min(width, height / 2); a head
-     crop below the minimum area keeps the person crop;
+  5. each person crop records its head box: the best "head" detection whose centre lies in the person
+     box, else the top-centred square of the box with side min(width, height / 2). Nothing is drawn
+     here: MUMU §4-5 replace 70 % of person crops with head crops at train time, so the swap is drawn
+     anew each time a record is drawn, from that sample's seed (`training.mumu_data.swap_heads`, logged
+     by the mumu recipe as head_swaps / head_too_small); a head below the minimum area keeps the person
+     crop there and is counted;
   6. crops inserted before the first occurrence of their word, in caption order.
-  Random draws come from a per-pair generator seeded by (seed, pair key): output does not depend on
-  shard size boundaries, on resume, or on the order shards are written.
+  Nothing is random: output does not depend on shard size boundaries, on resume, or on the order shards
+  are written.
 
 Output folder:
 
@@ -41,37 +44,45 @@ tar members sharing a `__key__` (the pair key, e.g. "000000042"):
                        "crops": [{"word": str (caption text the crop precedes), "noun": str (vocabulary
                                   noun), "char_start": int (word position in the caption),
                                   "box": [x0, y0, x1, y1] (int pixels in the target), "score": float,
-                                  "kind": "object" | "person" | "head"}, ...]}
+                                  "kind": "object" | "person",
+                                  "head_box": [x0, y0, x1, y1], "head_source": "detected" | "top_square"
+                                  (person crops only)}, ...]}
     <key>.target.png  the whole image (RGB)
     <key>.crop0.png, <key>.crop1.png, <key>.crop2.png   the crops (RGB), crop i for the i-th <image>
 
 manifest.json:
 
-    {"format": "mmig-mumu-bootstrap", "version": 1,
+    {"format": "mmig-mumu-bootstrap", "version": 2,
      "config": {...bootstrap options...}, "pairs": {"count": int, "fingerprint": str},
      "shard_size": int, "num_shards": int (planned),
      "shards": [{"name": "shard-000000.tar", "index": 0, "records": int, "bytes": int, "sha256": str,
                  "keys": [str, ...], "crop_counts": [int, ...]}, ...]   (completed shards only, by index)
      "stats": {"pairs", "records", "crops", "nouns", "detections", "dropped_small", "dropped_large",
-               "dropped_same_noun", "dropped_over_cap", "person_crops", "head_swaps", "head_too_small",
-               "below_min_crops", "unreadable_images": int}   (summed over completed shards; each shard entry
-               has its own "stats"; a counter that never fired may be absent),
+               "dropped_same_noun", "dropped_over_cap", "person_crops", "heads_detected",
+               "heads_below_min_area", "below_min_crops", "unreadable_images": int}   (summed over
+               completed shards; each shard entry has its own "stats"; a counter that never fired may be
+               absent),
      "complete": bool}
 
 Reading (`training.data.reader.BootstrapDataset(root, min_crops=0, on_corrupt="skip"|"raise")`): a
 map-style dataset; item i maps to (shard, offset) from the manifest, so it is the same on every run and
 rank. An item is a dict: key, caption, prompt, crops (list of RGB PIL images, one per placeholder),
-target (RGB PIL image), crop_info (the json "crops" list); `dataset.info(i)` is the record's JSON alone
-(no image decoded: cheap filtering by crop kind). A corrupt or missing shard is skipped and
+target (RGB PIL image), crop_info (the json "crops" list), heads (per crop: the head crop, a PIL image cut
+from the target at head_box, for person crops; None for the others); `dataset.info(i)` is the record's
+JSON alone (no image decoded: cheap filtering by crop kind). A corrupt or missing shard is skipped and
 counted (`dataset.skipped_shards`) or raises `CorruptShardError`, per `on_corrupt`; a missing path raises
 `FileNotFoundError` naming it.
+
+Version 1 folders (written before the head swap moved to train time: kind "head" crops were drawn once
+at bootstrap, person crops have no head_box) stay readable as they are, with a warning: their crops
+get no train-time head swap; bootstrap again to get one. Resuming a version-1 folder is an error.
 """
 from __future__ import annotations
 
 IMAGE_PLACEHOLDER = "<image>"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mmig-mumu-bootstrap"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: person crops carry head_box; the head swap moved to train time
 MAX_CROPS = 3  # MUMU §4: at most 3 crops per prompt
 
 

@@ -4,7 +4,6 @@ Pure functions on boxes: no model, no image, so the filters are tested on synthe
 """
 from __future__ import annotations
 
-import random
 from collections import Counter
 from dataclasses import dataclass
 
@@ -26,11 +25,17 @@ class Crop:
     match: NounMatch  # the caption word the crop goes before
     box: tuple[int, int, int, int]  # x0, y0, x1, y1, integer pixels inside the image
     score: float
-    kind: str  # "object" | "person" | "head"
+    kind: str  # "object" | "person" (a head crop is chosen at train time, from head_box)
+    head_box: tuple[int, int, int, int] | None = None  # person crops: the head inside the box
+    head_detected: bool = False  # head_box is a "head" detection (else the box's top square)
 
     def to_json(self) -> dict:
-        return {"word": self.match.word, "noun": self.match.noun, "char_start": self.match.start,
+        info = {"word": self.match.word, "noun": self.match.noun, "char_start": self.match.start,
                 "box": list(self.box), "score": round(float(self.score), 6), "kind": self.kind}
+        if self.head_box is not None:
+            info["head_box"] = list(self.head_box)
+            info["head_source"] = "detected" if self.head_detected else "top_square"
+        return info
 
 
 @dataclass(frozen=True)
@@ -38,12 +43,6 @@ class FilterConfig:
     min_area: int = 150 * 150  # MUMU: crops with a total area below 150x150 px are dropped
     max_area_fraction: float = 0.75  # ... and above 75 % of the image
     max_crops: int = MAX_CROPS
-    head_probability: float = 0.7  # a person crop becomes a head crop 70 % of the time
-
-
-def pair_rng(seed: int, key: str) -> random.Random:
-    """The generator for one pair's draws: a function of (seed, key) only (str seeds hash with SHA-512)."""
-    return random.Random(f"{seed}:{key}")
 
 
 def clamp_box(box, width: int, height: int) -> tuple[int, int, int, int]:
@@ -58,30 +57,42 @@ def box_area(box) -> int:
     return max(0, box[2] - box[0]) * max(0, box[3] - box[1])
 
 
-def head_box(person: tuple[int, int, int, int], heads: list[Detection], width: int,
-             height: int) -> tuple[int, int, int, int]:
-    """The person's head: the best-scoring head detection whose centre lies in the person box (cut to it),
-    else the top-centred square of the box with side min(width, height / 2)."""
+def top_square(person: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """The top-centred square of a person box, side min(width, height / 2): where no head was detected."""
+    px0, py0, px1, py1 = person
+    side = min(px1 - px0, (py1 - py0) // 2)
+    left = px0 + (px1 - px0 - side) // 2
+    return left, py0, left + side, py0 + side
+
+
+def find_head(person: tuple[int, int, int, int], heads: list[Detection], width: int,
+              height: int) -> tuple[tuple[int, int, int, int], bool]:
+    """(head box, detected): the best-scoring head detection whose centre lies in the person box (cut to it),
+    else (`top_square(person)`, False)."""
     px0, py0, px1, py1 = person
     inside = [h for h in heads
               if px0 <= (h.box[0] + h.box[2]) / 2 <= px1 and py0 <= (h.box[1] + h.box[3]) / 2 <= py1]
     if inside:
         best = max(inside, key=lambda h: h.score)
         x0, y0, x1, y1 = clamp_box(best.box, width, height)
-        return max(x0, px0), max(y0, py0), min(x1, px1), min(y1, py1)
-    side = min(px1 - px0, (py1 - py0) // 2)
-    left = px0 + (px1 - px0 - side) // 2
-    return left, py0, left + side, py0 + side
+        return (max(x0, px0), max(y0, py0), min(x1, px1), min(y1, py1)), True
+    return top_square(person), False
+
+
+def head_box(person: tuple[int, int, int, int], heads: list[Detection], width: int,
+             height: int) -> tuple[int, int, int, int]:
+    """The person's head box (`find_head` without the flag)."""
+    return find_head(person, heads, width, height)[0]
 
 
 def select_crops(matches: list[NounMatch], detections: list[Detection], width: int, height: int,
-                 rng: random.Random, config: FilterConfig = FilterConfig(),
-                 stats: Counter | None = None) -> list[Crop]:
+                 config: FilterConfig = FilterConfig(), stats: Counter | None = None) -> list[Crop]:
     """The crops of one prompt, in caption order.
 
     `matches`: the caption's nouns (first occurrence each); `detections`: boxes for those nouns plus
     HEAD_QUERY boxes. Steps: area limits -> the best box per noun -> at most `max_crops` by score ->
-    person crops swapped for head crops with `head_probability` (one draw per kept person crop).
+    each person crop records its head box. Nothing is drawn here: MUMU swaps 70 % of the person crops for
+    head crops at train time, anew each time a record is drawn (`training.mumu_data.swap_heads`).
     """
     stats = stats if stats is not None else Counter()
     max_area = config.max_area_fraction * width * height
@@ -110,17 +121,14 @@ def select_crops(matches: list[NounMatch], detections: list[Detection], width: i
     stats["dropped_over_cap"] += max(0, len(ranked) - config.max_crops)
     crops = []
     for noun, (box, score) in ranked[:config.max_crops]:
-        kind = "person" if noun in PERSON_NOUNS else "object"
-        if kind == "person":
+        if noun in PERSON_NOUNS:
+            head, detected = find_head(box, heads, width, height)
             stats["person_crops"] += 1
-            if rng.random() < config.head_probability:
-                head = head_box(box, heads, width, height)
-                if box_area(head) >= config.min_area:
-                    box, kind = head, "head"
-                    stats["head_swaps"] += 1
-                else:
-                    stats["head_too_small"] += 1
-        crops.append(Crop(by_noun[noun], box, score, kind))
+            stats["heads_detected"] += detected
+            stats["heads_below_min_area"] += box_area(head) < config.min_area  # they keep the person crop
+            crops.append(Crop(by_noun[noun], box, score, "person", head, detected))
+        else:
+            crops.append(Crop(by_noun[noun], box, score, "object"))
     return sorted(crops, key=lambda crop: crop.match.start)
 
 

@@ -27,7 +27,8 @@ class CorruptShardError(RuntimeError):
 
 
 class BootstrapDataset(torch.utils.data.Dataset):
-    """`dataset[i]` -> {"key", "caption", "prompt", "crops": [PIL RGB], "target": PIL RGB, "crop_info"}.
+    """`dataset[i]` -> {"key", "caption", "prompt", "crops": [PIL RGB], "target": PIL RGB, "crop_info",
+    "heads": [PIL RGB or None per crop: the head crop of a person crop]}.
 
     root: the bootstrap output folder (holding manifest.json).
     min_crops: only records with at least this many crops.
@@ -50,6 +51,11 @@ class BootstrapDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{self.root} has no {MANIFEST_NAME}: point at the folder "
                                     f"`python -m training.data bootstrap --out` wrote")
         self.manifest = manifest
+        self.version = int(manifest.get("version", 1))
+        if self.version < 2:
+            print(f"{self.root} is bootstrap format version {self.version}: its head crops were drawn once at "
+                  f"bootstrap, so its person crops get no train-time head swap (MUMU §4-5); bootstrap again for "
+                  f"one", file=sys.stderr)
         self.skipped_shards: list[tuple[str, str]] = []  # (shard name, why)
         self._members: dict[str, dict[str, tuple[int, int]]] = {}  # shard -> member name -> (offset, size)
         self._index: list[tuple[str, str]] = []  # item -> (shard name, record key)
@@ -139,8 +145,9 @@ class BootstrapDataset(torch.utils.data.Dataset):
         except (OSError, ValueError, KeyError) as error:
             raise CorruptShardError(f"record {key} of shard {self.root / shard} cannot be decoded ({error}); "
                                     f"build the dataset with verify='sha256' to find such shards up front") from error
+        heads = [target.crop(tuple(c["head_box"])) if c.get("head_box") else None for c in info["crops"]]
         return {"key": key, "caption": info["caption"], "prompt": info["prompt"], "crops": crops,
-                "target": target, "crop_info": info["crops"]}
+                "target": target, "crop_info": info["crops"], "heads": heads}
 
     def __getstate__(self):  # picklable for DataLoader workers (spawn): open files stay behind
         state = dict(self.__dict__)

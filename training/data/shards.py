@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from training.data import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, MAX_CROPS
-from training.data.filters import HEAD_QUERY, Detection, FilterConfig, interleave, pair_rng, select_crops
+from training.data.filters import HEAD_QUERY, Detection, FilterConfig, interleave, select_crops
 from training.data.nouns import PERSON_NOUNS, NounMatcher, load_nouns
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -29,18 +29,17 @@ DetectFn = Callable[[object, list], list]  # (PIL image, nouns) -> [Detection]
 @dataclass(frozen=True)
 class BootstrapConfig:
     shard_size: int = 1000  # input pairs per shard
-    seed: int = 0
+    seed: int = 0  # draws nothing since format 2 (the head swap moved to train time); kept for old command lines
     min_area: int = 150 * 150
     max_area_fraction: float = 0.75
     max_crops: int = MAX_CROPS
-    head_probability: float = 0.7
     box_threshold: float = 0.35  # GroundingDINO box score threshold
     min_crops: int = 0  # pairs with fewer crops write no record (0: keep text-only records)
     nouns_file: str | None = None  # None: training.data.nouns.DEFAULT_NOUNS
 
     def filters(self) -> FilterConfig:
         return FilterConfig(min_area=self.min_area, max_area_fraction=self.max_area_fraction,
-                            max_crops=self.max_crops, head_probability=self.head_probability)
+                            max_crops=self.max_crops)
 
 
 @dataclass(frozen=True)
@@ -113,8 +112,7 @@ def build_record(pair: Pair, detect: DetectFn, matcher: NounMatcher, config: Boo
     detections = [d if isinstance(d, Detection) else Detection(*d) for d in detect(image, queries)] if matches else []
     stats["detections"] += len(detections)
     width, height = image.size
-    crops = select_crops(matches, detections, width, height, pair_rng(config.seed, pair.key), config.filters(),
-                         stats)
+    crops = select_crops(matches, detections, width, height, config.filters(), stats)
     if len(crops) < config.min_crops:
         stats["below_min_crops"] += 1
         return None
@@ -183,10 +181,17 @@ def read_manifest(out: Path) -> dict | None:
     manifest = json.loads(path.read_text())
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path} is not a bootstrap manifest (format {manifest.get('format')!r})")
+    if manifest.get("version", 1) > MANIFEST_VERSION:
+        raise ValueError(f"{path} is bootstrap format version {manifest['version']}, newer than this pack reads "
+                         f"({MANIFEST_VERSION}): update the pack")
     return manifest
 
 
 def _check_resumable(manifest: dict, config: dict, pairs: dict, out: Path) -> None:
+    if manifest.get("version", 1) != MANIFEST_VERSION:
+        raise ValueError(f"{out} was bootstrapped in format version {manifest.get('version', 1)} (head crops drawn "
+                         f"once at bootstrap); this pack writes version {MANIFEST_VERSION} (head boxes recorded, "
+                         f"swapped at train time): write to a new --out folder instead of resuming")
     old = manifest["config"]
     changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
     if changed:

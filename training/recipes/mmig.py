@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from mmig_core.mm_adapter import MMAdapterConfig, MMAdapterSet, attach_mm_adapters, save_mm_adapters
+from mmig_core.mm_adapter import MMAdapterConfig, MMAdapterSet, save_mm_adapters
 from mmig_core.mm_prompt import MMPrompt
 from mmig_core.mmsm import MMSM, MMSMConfig, init_mmsm, load_mmsm, mmsm_loss, save_mmsm
 from mmig_core.mmt import batch_inputs, mmt_loss, response_inputs
@@ -259,12 +259,11 @@ class MMIGModule(torch.nn.Module):
 
 
 def _new_vlm_adapters(vlm, config: RecipeConfig):
-    from mmig_core.vlm import decoder_layers
-    layers = decoder_layers(vlm.model)
-    adapters = MMAdapterSet(MMAdapterConfig(dim=vlm.hidden_size, num_layers=len(layers),
+    from mmig_core.vlm import attach_vlm_mm_adapters, decoder_layers
+    adapters = MMAdapterSet(MMAdapterConfig(dim=vlm.hidden_size, num_layers=len(decoder_layers(vlm.model)),
                                             hidden=config.mm_adapter_hidden))
     vlm.model.mm_adapters = adapters
-    attach_mm_adapters(layers, adapters)
+    attach_vlm_mm_adapters(vlm.model, adapters)
 
 
 def build(config: RecipeConfig, ctx: RunContext) -> Recipe:

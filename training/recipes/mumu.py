@@ -8,7 +8,10 @@ What trains (defaults, all configurable):
     SDXL UNet                             rank-8 LoRA, lr 5e-6   (attention projections)
 
 One sample: the record's caption with its crops inserted before their words (plus, in stage 1, 30 % of the
-time a canny/sketch/depth image of the whole input), drawn from the sample's seed (`training/mumu_prompts.py`).
+time a canny/sketch/depth image of the whole input), drawn from the sample's seed (`training/mumu_prompts.py`);
+before that, 70 % of its person crops become head crops, also drawn from the sample's seed
+(`training.mumu_data.swap_heads`; heads below `head_min_area` keep the person crop). The step's metrics log
+person_crops, head_swaps and head_too_small; `module.head_stats` sums them over the run.
 The VLM (perceiver dropped, as MUMU) reads the prompt through `mmig_core.vlm`, the adapter maps its last
 hidden states to SDXL's context and pooled vector exactly as MMIG MUMU Encode does at inference, and the UNet
 predicts the noise of the target's latent: the SDXL denoising loss ||eps - eps_theta(z_t, t, c)||^2.
@@ -26,6 +29,7 @@ depth is left out of the control kinds (and `describe` says so): MUMU's depth ma
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +43,7 @@ from mmig_core.mumu_adapter import MUMUAdapter, MUMUAdapterConfig, init_adapter,
 from mmig_core.mumu_bundle import read_bundle, write_manifest
 from training import sdxl
 from training.config import ConfigError
-from training.mumu_data import collate, open_records
+from training.mumu_data import HEAD_MIN_AREA, HEAD_PROBABILITY, collate, open_records, swap_heads
 from training.lora import inject_lora, load_lora_into, unet_lora_file_state, vlm_lora_file_state
 from training.mumu_prompts import PromptRules, sample_prompt
 from training.recipe import Recipe, RunContext
@@ -49,6 +53,7 @@ VLM_CONNECTOR_TARGETS = r"model\.connector\.modality_projection\.(gate|up|down)_
 VLM_LANGUAGE_TARGETS = r"model\.text_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPT_SEED_OFFSET = 0x5EED_0F_B0B  # prompt draws use their own stream, apart from the noise and timestep draws
+HEAD_SEED_OFFSET = 0x4EAD_5EED  # and so do the head swaps: changing them leaves the prompt draws as they were
 
 
 @dataclass
@@ -83,6 +88,8 @@ class RecipeConfig:
     bundle_name: str = "mumu-bundle"  # the bundle folder under the export folder (copy it to models/mmig/)
     vlm_base: str = ""  # the VLM base named in the manifest; empty: the VLM folder's name
     base_dtype: str = "fp32"  # fp32 | bf16 | fp16: the frozen VLM, UNet and VAE weights (LoRA and adapter stay fp32)
+    head_probability: float = HEAD_PROBABILITY  # MUMU §4-5: person crops become head crops 70 % of the draws
+    head_min_area: int = HEAD_MIN_AREA  # px; a smaller head keeps the person crop (counted as head_too_small)
 
 
 def _check(config: RecipeConfig) -> None:
@@ -95,6 +102,8 @@ def _check(config: RecipeConfig) -> None:
     unknown = [k for k in config.control_kinds if k not in CONTROL_KINDS]
     if unknown:
         raise ConfigError(f"recipe.control_kinds: unknown {unknown}; choose from {list(CONTROL_KINDS)}")
+    if not 0.0 <= config.head_probability <= 1.0:
+        raise ConfigError(f"recipe.head_probability must be within 0..1, got {config.head_probability}")
     if config.base_dtype not in BASE_DTYPES:
         raise ConfigError(f"recipe.base_dtype must be one of {', '.join(BASE_DTYPES)}, got {config.base_dtype!r}")
     if not Path(config.data).exists():
@@ -112,11 +121,14 @@ class MUMUModel(torch.nn.Module):
     """VLM (+ LoRA) -> adapter -> SDXL UNet (+ LoRA); `forward(batch, step)` is the denoising loss."""
 
     def __init__(self, vlm: vlm_core.VLM, adapter: MUMUAdapter, parts: sdxl.SDXLParts, rules: PromptRules,
-                 depth=None):
+                 depth=None, head_probability: float = HEAD_PROBABILITY, head_min_area: int = HEAD_MIN_AREA):
         super().__init__()
         self.vlm_model, self.adapter, self.unet, self.vae = vlm.model, adapter, parts.unet, parts.vae
         self._vlm, self._scheduler, self._depth = vlm, parts.scheduler, depth  # plain attributes, not submodules
         self.rules = rules
+        self.head_probability, self.head_min_area = head_probability, head_min_area
+        self.head_stats = Counter()  # person_crops, head_swaps, head_too_small over every draw of this process
+        self._last_head_stats = Counter()
 
     def make_control(self, image: torch.Tensor, kind: str) -> torch.Tensor:
         return control_image(image, kind, self._depth)
@@ -124,10 +136,23 @@ class MUMUModel(torch.nn.Module):
     def prompt_generators(self, batch: dict) -> list[torch.Generator]:
         return [torch.Generator().manual_seed((int(s) + PROMPT_SEED_OFFSET) % 2**63) for s in batch["sample_seed"]]
 
+    def head_generators(self, batch: dict) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed((int(s) + HEAD_SEED_OFFSET) % 2**63) for s in batch["sample_seed"]]
+
+    def draw_crops(self, batch: dict) -> list[list]:
+        """Each sample's crops with its person crops swapped for heads (MUMU §4-5), from the sample's seed."""
+        stats = Counter()
+        heads = batch.get("heads") or [[] for _ in batch["crops"]]
+        drawn = [swap_heads(crops, sample_heads, generator, self.head_probability, self.head_min_area, stats)
+                 for crops, sample_heads, generator in zip(batch["crops"], heads, self.head_generators(batch))]
+        self.head_stats.update(stats)
+        self._last_head_stats = stats
+        return drawn
+
     def draw_prompts(self, batch: dict):
         """Drawn on the CPU (PIL and the processor run there), whatever device the batch went to."""
         return [sample_prompt(caption, image.cpu(), crops, self.rules, generator, self.make_control)
-                for caption, image, crops, generator in zip(batch["caption"], batch["image"], batch["crops"],
+                for caption, image, crops, generator in zip(batch["caption"], batch["image"], self.draw_crops(batch),
                                                             self.prompt_generators(batch))]
 
     def conditioning(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +175,8 @@ class MUMUModel(torch.nn.Module):
         eps = self.unet(noisy, timesteps, context.to(dtype), added_cond_kwargs=added).sample
         loss = sdxl.denoising_loss(eps, noise)
         images = sum(d.prompt.image_count() for d in prompts) / len(prompts)
-        return loss, {"denoising": float(loss.detach()), "images_per_prompt": images}
+        heads = {name: float(self._last_head_stats[name]) for name in ("person_crops", "head_swaps", "head_too_small")}
+        return loss, {"denoising": float(loss.detach()), "images_per_prompt": images, **heads}
 
 
 def _named_group(module: MUMUModel, name: str):
@@ -219,7 +245,7 @@ def build(config: RecipeConfig, ctx: RunContext) -> Recipe:
     rules = PromptRules(stage=config.stage, max_objects=config.max_objects, max_images=config.max_images,
                         control_probability=config.control_probability, control_kinds=kinds,
                         augment_probability=config.augment_probability, stage2_labels=tuple(config.stage2_labels))
-    module = MUMUModel(vlm, adapter, parts, rules, depth).to(ctx.device)
+    module = MUMUModel(vlm, adapter, parts, rules, depth, config.head_probability, config.head_min_area).to(ctx.device)
     dataset = open_records(config.data, config.resolution,
                            require_labels=tuple(config.stage2_labels) if config.stage == 2 else ())
 
@@ -251,7 +277,9 @@ def build(config: RecipeConfig, ctx: RunContext) -> Recipe:
                 f"SDXL UNet: rank-{config.unet_lora_rank} LoRA on {', '.join(config.unet_lora_targets)}, "
                 f"{counts['unet_lora']:,} trainable, lr {config.lr_unet:g}",
                 f"VAE: frozen; prompts: control {rules.control_probability:.0%} ({', '.join(kinds) or 'none'}), "
-                f"augmentation {rules.augment_probability:.0%}, at most {rules.max_images} images", *notes]
+                f"augmentation {rules.augment_probability:.0%}, at most {rules.max_images} images; person crops "
+                f"become head crops {config.head_probability:.0%} of the draws (heads under {config.head_min_area} "
+                f"px keep the person crop)", *notes]
     if vlm.tokens_per_image != tokens:
         describe.append(f"note: {tokens} tokens per image asked, {vlm.tokens_per_image} given (the vision tower's "
                         f"native size caps the resolution)")
