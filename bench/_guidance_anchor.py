@@ -1,6 +1,7 @@
-"""The anchor of bench/guidance.py: diffusers' StableDiffusionAttendAndExcitePipeline on the same tiny
-SDXL UNet weights (converted with the host's own key map), same steps, same altered steps, same
-prompt embeddings (the host's CLIP output passed as prompt_embeds), maps read at the same 8x8 layers.
+"""The anchor of bench/guidance.py: diffusers' StableDiffusionAttendAndExcitePipeline against our MODEL in
+mode attend_and_excite (the same algorithm) on the same tiny SDXL UNet weights (converted with the host's
+own key map), same steps, same altered steps, same prompt embeddings (the host's CLIP output passed as
+prompt_embeds), maps read at the same 8x8 layers.
 
 Not a benchmark of its own (the leading underscore keeps `make bench` from running it alone).
 `ours_over_attend_excite` returns (our guided run's time over theirs, details)."""
@@ -58,7 +59,8 @@ def ours_over_attend_excite(model, clip, conditioning, steps: int = 20, altered:
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionAttendAndExcitePipeline, StableDiffusionPipeline
     from bench import guidance as ours
-    from mmig_core.astar_guidance import concepts_from_clip
+    from devtools.pack import import_pack_module
+    concepts_from_clip = import_pack_module("nodes._guidance").concepts_from_clip
 
     positive, negative = conditioning
     with torch.inference_mode(False):
@@ -91,7 +93,7 @@ def ours_over_attend_excite(model, clip, conditioning, steps: int = 20, altered:
         with torch.inference_mode(False), torch.no_grad():
             plain(generator=torch.Generator().manual_seed(0), **common)
 
-    guided_model, _ = ours.guided(model, clip, guided_steps=altered)
+    guided_model, _ = ours.guided(model, clip, guided_steps=altered, mode="attend_and_excite")  # the same algorithm
     times = {"ours": [], "theirs": [], "theirs_plain": []}
     run_theirs()
     run_plain()  # warm-ups

@@ -61,7 +61,9 @@ def sample(model, conditioning, latent_shape=LATENT, steps=STEPS, sampler="euler
 
 
 def guided(model, clip, **settings):
-    from mmig_core.astar_guidance import AStarSettings, concepts_from_clip, guided_model
+    from devtools.pack import import_pack_module
+    g = import_pack_module("nodes._guidance")
+    AStarSettings, concepts_from_clip, guided_model = g.AStarSettings, g.concepts_from_clip, g.guided_model
     positions, words = concepts_from_clip(clip, PROMPT, CONCEPTS, "")
     return guided_model(model, AStarSettings(positions, words, **settings))
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from devtools.paths import REPO_ROOT, TINY_MODELS_DIR, offline_env
 
 TINY_SDXL = "checkpoints/mmig-tiny-sdxl.safetensors"
+# SD1.x; named to sort after the SDXL: `make run TINY=1` swaps a checkpoint picker to the first tiny one.
+TINY_SD15 = "checkpoints/mmig-tiny-stable-diffusion-1.safetensors"
 TINY_BLIP2 = "blip2/mmig-tiny-blip2"
 TINY_IDEFICS2 = "vlm/mmig-tiny-idefics2"
 TINY_MUMU_ADAPTER = "mmig/mmig-tiny-mumu-adapter.safetensors"
@@ -27,6 +29,7 @@ TINY_GROUNDING_DINO = "grounding-dino/mmig-tiny-grounding-dino"  # training-only
 # Names start with "mmig-tiny" so `make run TINY=1` can tell a tiny model in any model picker.
 TINY_MODELS = [
     ("devtools.tiny_sdxl", TINY_SDXL),
+    ("devtools.tiny_sd15", TINY_SD15),
     ("devtools.tiny_lora", TINY_LORA),  # after the SDXL: it reads the UNet's shapes
     ("devtools.tiny_diffrir", TINY_DIFFRIR),
     ("devtools.tiny_blip2", TINY_BLIP2),

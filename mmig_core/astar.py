@@ -1,10 +1,17 @@
-"""A-STAR attention segregation and retention (MMIG §3.3, Eqs. 19-20), host-agnostic.
+"""Attention guidance maths, host-agnostic: A-STAR (MMIG §3.3, Eqs. 19-20) and Attend-and-Excite.
 
 The pieces a guided sampler and a training recipe share: explicit cross-attention probabilities,
-the per-concept map aggregation (drop the start token, softmax over the text tokens, average heads
-and layers, Gaussian smoothing), the two losses, the step-size schedule and the NaN-safe latent
-update. Defaults come from Attend-and-Excite (Chefer et al. 2023), because A-STAR does not publish its
-step sizes, thresholds or iteration counts.
+two map aggregations, the losses, the step-size schedule, the NaN-safe latent update, and the
+prompt's token positions. The guided sampler itself (the host's patch protocol) is nodes/_guidance.py.
+
+- A-STAR maps (the pack's own aggregation, used by the training recipe too): per layer, a softmax
+  over the prompt's word tokens only (start, end and padding dropped), heads then layers averaged,
+  then A&E's Gaussian. A-STAR publishes no step sizes, thresholds or iteration counts: the
+  defaults below are Attend-and-Excite's where A&E has that setting, and say so where it has not.
+- Attend-and-Excite maps (Chefer et al. 2023, as diffusers' StableDiffusionAttendAndExcitePipeline
+  computes them): the probabilities of every layer at the chosen resolution averaged over layers and
+  heads first, then a softmax of 100x them over context tokens [1:-1] (the end and padding tokens
+  included), the altered tokens picked, A&E's Gaussian, each token's maximum.
 """
 from __future__ import annotations
 
@@ -14,13 +21,20 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-# Attend-and-Excite defaults (its pipeline's arguments), used because A-STAR publishes none.
-ATTEND_EXCITE_SCALE_FACTOR = 20.0      # step size 20 * sqrt(linspace(1, 0.5, T))
-ATTEND_EXCITE_GUIDED_STEPS = 25        # max_iter_to_alter: the first 25 of 50 steps
+# Attend-and-Excite's defaults (the arguments of diffusers' pipeline and of the original run.py).
+ATTEND_EXCITE_SCALE_FACTOR = 20.0      # step size scale_factor * sqrt(linspace(1, 0.5, T)[i])
+ATTEND_EXCITE_GUIDED_STEPS = 25        # max_iter_to_alter: the first 25 (of 50) steps
 ATTEND_EXCITE_SOFTMAX_SCALE = 100.0    # attention probabilities are multiplied by 100 before the text softmax
-ATTEND_EXCITE_SMOOTHING = (3, 0.5)     # Gaussian kernel size and sigma
+ATTEND_EXCITE_SMOOTHING = (3, 0.5)     # Gaussian kernel size and sigma (A&E's kernel formula, see gaussian_kernel)
+ATTEND_EXCITE_THRESHOLDS = {0: 0.05, 10: 0.5, 20: 0.8}  # refinement steps: refine until every max >= threshold
+ATTEND_EXCITE_MAX_REFINE_ITERS = 20    # max_refinement_steps
+# The pack's own choice: A&E has no binarisation, and A-STAR publishes no value for B_t's threshold.
 BINARISE_THRESHOLD = 0.5               # B_t^m: the previous map above half its maximum
 _EPS = 1e-8
+
+
+class ConceptError(ValueError):
+    """A concept that cannot be found in the prompt."""
 
 
 # -- attention ------------------------------------------------------------------------------------
@@ -52,8 +66,10 @@ def text_token_maps(probs: torch.Tensor, word_positions: list[int],
 
 
 def gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
+    """Attend-and-Excite's kernel, exp(-((x - mu) / (2 sigma))^2) normalised to sum 1: note the
+    2 sigma where the textbook Gaussian has sqrt(2) sigma, so it is a standard Gaussian of sigma * sqrt(2)."""
     coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    g = torch.exp(-((coords / (2 * sigma)) ** 2))
     g = g / g.sum()
     return g[:, None] * g[None, :]
 
@@ -80,6 +96,35 @@ def concept_maps(layer_maps: list[torch.Tensor], size_hw: tuple[int, int], conce
     return gaussian_smooth(per_concept.reshape(mean.shape[0], len(concept_columns), h, w), *smoothing)
 
 
+# -- Attend-and-Excite's aggregation and loss -------------------------------------------------------
+
+def attend_excite_maps(layer_head_sums: list[torch.Tensor], heads: int, size_hw: tuple[int, int],
+                       token_positions: list[int], smoothing: tuple[int, float] = ATTEND_EXCITE_SMOOTHING,
+                       softmax_scale: float = ATTEND_EXCITE_SOFTMAX_SCALE) -> torch.Tensor:
+    """A&E's smoothed per-token maps. layer_head_sums: each layer's probabilities summed over its heads,
+    [B, N, Nk]; heads: the heads of all layers together. Average over layers and heads, softmax of
+    `softmax_scale` x the average over context tokens [1:-1], pick `token_positions` (context
+    positions, 0 being the start token), smooth. -> [B, T, h, w]. A context of several 77-token chunks
+    (a long prompt) is taken as one sequence: A&E itself only knows one chunk."""
+    mean = torch.stack(layer_head_sums).sum(dim=0) / heads
+    text = torch.softmax(mean[..., 1:-1] * softmax_scale, dim=-1)
+    picked = text[..., [p - 1 for p in token_positions]]  # [B, N, T]
+    b, _, t = picked.shape
+    maps = picked.transpose(1, 2).reshape(b, t, *size_hw)
+    return gaussian_smooth(maps, *smoothing)
+
+
+def attend_excite_loss(maps: torch.Tensor) -> torch.Tensor:
+    """max over the tokens of max(0, 1 - the token's highest smoothed attention). [B, T, h, w] -> [B]."""
+    return (1 - maps.amax(dim=(-2, -1))).clamp_min(0).amax(dim=-1)
+
+
+def attend_excite_step_size(scale_factor: float, step: int, steps: int) -> float:
+    """A&E's alpha_i = scale_factor * sqrt(linspace(1, 0.5, steps)[i]) for sampler step i of `steps`."""
+    fraction = step / (steps - 1) if steps > 1 else 0.0
+    return scale_factor * math.sqrt(1.0 - 0.5 * min(max(fraction, 0.0), 1.0))
+
+
 # -- losses ---------------------------------------------------------------------------------------
 
 def normalise(maps: torch.Tensor) -> torch.Tensor:
@@ -90,8 +135,9 @@ def normalise(maps: torch.Tensor) -> torch.Tensor:
 def soft_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """2 * sum min(a, b) / sum (a + b) over the last two dims: 0 for disjoint maps, 1 for identical ones.
 
-    Eqs. 19-20 print the ratio without the factor 2 (it then tops out at 0.5); the factor makes the
-    `1 -` of Eq. 20 reach 0 for a fully retained concept, as A-STAR intends. Gradients only scale."""
+    Eqs. 19-20 print the ratio without the factor 2 (it then tops out at 0.5); with it the `1 -` of
+    Eq. 20 reaches 0 for a fully retained concept. Both losses are then exactly 2x (plus a constant)
+    the printed formulas: equivalent to 2x the step size of the printed formula."""
     inter = torch.minimum(a, b).sum(dim=(-2, -1))
     return 2 * inter / (a + b).sum(dim=(-2, -1)).clamp_min(_EPS)
 
@@ -117,7 +163,7 @@ def retention_loss(maps: torch.Tensor, previous_binary: torch.Tensor) -> torch.T
 
 
 def step_size(scale_factor: float, progress: float) -> float:
-    """Attend-and-Excite's alpha_t = scale * sqrt(linspace(1, 0.5, T)[i]), with progress = i / T in [0, 1]."""
+    """Attend-and-Excite's alpha_i = scale * sqrt(linspace(1, 0.5, T)[i]), with progress = i / (T - 1) in [0, 1]."""
     return scale_factor * math.sqrt(1.0 - 0.5 * min(max(progress, 0.0), 1.0))
 
 
@@ -191,3 +237,87 @@ def norms_on_copies(diffusion_model: torch.nn.Module):
                 del norm.forward
             else:
                 norm.forward = previous
+
+
+# -- the prompt's tokens and the UNet's layers ----------------------------------------------------
+
+def resolve_concepts(prompt_chunks: list[list[int]], concepts: dict[str, list[int]], start_id: int, end_id: int,
+                     describe_token=str) -> tuple[list[list[int]], list[int]]:
+    """Token positions of each concept in the prompt, and the prompt's word positions.
+
+    prompt_chunks: the prompt's token ids per chunk (start, words, end, padding). concepts: each
+    concept's own token ids (no start/end). Positions index the concatenated context."""
+    flat, word_positions = [], []
+    for chunk in prompt_chunks:
+        in_words = False
+        for i, token in enumerate(chunk):
+            if i == 0 and token == start_id:
+                in_words = True
+            elif token == end_id:
+                in_words = False
+            elif in_words:
+                word_positions.append(len(flat))
+            flat.append(token)
+    positions = []
+    for name, ids in concepts.items():
+        found = None
+        for start in word_positions:
+            if ids and flat[start:start + len(ids)] == ids:
+                found = list(range(start, start + len(ids)))
+                break
+        if found is None:
+            raise ConceptError(f"The concept '{name}' is not in the prompt. The prompt's tokens are: "
+                               f"{describe_tokens(flat, word_positions, describe_token)}. Use one of these "
+                               f"words, or give token_indices.")
+        positions.append(found)
+    return positions, word_positions
+
+
+def describe_tokens(flat: list[int], word_positions: list[int], describe_token=str) -> str:
+    return ", ".join(f"{p}:{describe_token(flat[p])}" for p in word_positions)
+
+
+def layer_size(original_shape, tokens: int) -> tuple[int, int]:
+    """The (h, w) of a layer with `tokens` queries, from the latent's shape (stride-2 downsampling)."""
+    if not original_shape:
+        side = int(round(tokens ** 0.5))
+        return side, tokens // side
+    h, w = original_shape[-2], original_shape[-1]
+    while h * w > tokens:
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
+
+
+def cross_attention_blocks(diffusion_model: torch.nn.Module) -> list[tuple[str, int, int]]:
+    """(block name, index, resolution level) of each UNet block holding cross-attention, where the
+    level counts the downsamplings (0 = latent size). Read off the module tree by class name."""
+    def has_cross_attention(module):
+        return any(getattr(m, "attn2", None) is not None for m in module.modules())
+
+    def count(module, name):
+        return sum(type(m).__name__ == name for m in module.modules())
+
+    found, level = [], 0
+    for i, block in enumerate(getattr(diffusion_model, "input_blocks", [])):
+        if has_cross_attention(block):
+            found.append(("input", i, level))
+        level += count(block, "Downsample")
+    middle = getattr(diffusion_model, "middle_block", None)
+    if middle is not None and has_cross_attention(middle):
+        found.append(("middle", 0, level))
+    for i, block in enumerate(getattr(diffusion_model, "output_blocks", [])):
+        if has_cross_attention(block):
+            found.append(("output", i, level))
+        level -= count(block, "Upsample")
+    return found
+
+
+def capture_blocks(diffusion_model: torch.nn.Module, target_level: int = 2) -> list[tuple[str, int]]:
+    """The blocks nearest a quarter of the latent's side (16x16 for SD1.x at 512 px, 32x32 for SDXL at
+    1024 px, the layers A-STAR and Attend-and-Excite read): every cross-attention block at the level
+    closest to `target_level` downsamplings."""
+    blocks = cross_attention_blocks(diffusion_model)
+    if not blocks:
+        return []
+    levels = sorted({lvl for _, _, lvl in blocks}, key=lambda lvl: (abs(lvl - target_level), -lvl))
+    return [(name, index) for name, index, lvl in blocks if lvl == levels[0]]

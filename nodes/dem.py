@@ -1,25 +1,27 @@
-"""MMIG's diffusion editing model (DEM, §3.3): A-STAR attention guidance (Eqs. 19-20) and
-LayerDiffusion's layered fg/bg embeddings (Eqs. 15-18), as nodes that drop into any SDXL/SD1.x graph."""
+"""MMIG's diffusion editing model (DEM, §3.3): A-STAR attention guidance (Eqs. 19-20; Attend-and-Excite as a
+mode) and LayerDiffusion's layered fg/bg embeddings (Eqs. 15-18), as nodes that drop into any SDXL/SD1.x graph."""
 from __future__ import annotations
 
 from . import _host
+from ._guidance import A_STAR, MODES, AStarSettings, concepts_from_clip, guided_model, parse_float_list, parse_int_list
 from ..mmig_core import astar, layered_embeddings as layered
-from ..mmig_core.astar_guidance import AStarSettings, concepts_from_clip, guided_model, parse_int_list
 
-AE = "Attend-and-Excite's default (A-STAR publishes none)"
+AE = "Attend-and-Excite's default"
 
 
 class MMIG_AStarGuidance:
-    DESCRIPTION = ("A-STAR test-time attention guidance (MMIG Eqs. 19-20): during the first steps it reads the "
-                   "concepts' cross-attention maps (layers at a quarter of the latent's side: 16x16 for SD1.x at "
-                   "512 px, 32x32 for SDXL at 1024 px), pushes the concepts' maps apart (segregation L_AS) and keeps "
-                   "each concept's map alive from step to step (retention L_AR) by moving the latent: "
-                   "z <- z - alpha_t grad(L_AS + L_AR). Works with KSampler and SamplerCustom; the MODEL given is "
-                   "not changed.")
+    DESCRIPTION = ("Test-time attention guidance during the first steps, by moving the latent along the gradient of "
+                   "a loss on the concepts' cross-attention maps (the layers at a quarter of the latent's side: "
+                   "16x16 for SD1.x at 512 px, 32x32 for SDXL at 1024 px), then predicting again on the moved "
+                   "latent. mode a_star (MMIG Eqs. 19-20, A-STAR): pushes the concepts' maps apart (segregation "
+                   "L_AS) and keeps each concept's map alive from step to step (retention L_AR). mode "
+                   "attend_and_excite: Attend-and-Excite as diffusers' pipeline computes it (each concept token's "
+                   "strongest attention pushed up, iterative refinement at steps 0, 10 and 20). Works with KSampler "
+                   "and SamplerCustom; the MODEL given is not changed.")
     CATEGORY = _host.CATEGORY
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The model with A-STAR guidance: use it in KSampler or SamplerCustom with the positive "
+    OUTPUT_TOOLTIPS = ("The model with attention guidance: use it in KSampler or SamplerCustom with the positive "
                        "prompt below.",)
     FUNCTION = "patch"
 
@@ -33,42 +35,74 @@ class MMIG_AStarGuidance:
                 "prompt": ("STRING", {"multiline": True, "default": "a cat and a dog",
                                       "tooltip": "The positive prompt exactly as encoded for the sampler."}),
                 "concepts": ("STRING", {"default": "cat, dog",
-                                        "tooltip": "Comma-separated words of the prompt to keep apart and alive, "
-                                                   "e.g. 'cat, dog'. Two or more for segregation."}),
+                                        "tooltip": "Comma-separated words of the prompt to guide, e.g. 'cat, dog'. "
+                                                   "a_star: two or more for segregation. attend_and_excite: each "
+                                                   "token of each word is excited on its own."}),
                 "guided_steps": ("INT", {"default": astar.ATTEND_EXCITE_GUIDED_STEPS, "min": 0, "max": 1000,
-                                         "tooltip": f"Guide the first K sampler steps. 25 is {AE}: the first 25 "
-                                                    f"of 50 steps."}),
+                                         "tooltip": f"Update the latent at the first K sampler steps (A&E's "
+                                                    f"max_iter_to_alter). 25 is {AE} (the first 25 of 50 steps); "
+                                                    f"A-STAR publishes none."}),
                 "scale_factor": ("FLOAT", {"default": astar.ATTEND_EXCITE_SCALE_FACTOR, "min": 0.0, "max": 1000.0,
                                            "step": 0.5,
-                                           "tooltip": f"Step size alpha_t = scale * sqrt(linspace(1, 0.5, T)); 20 is "
-                                                      f"{AE}. 0 measures the losses without guiding."}),
+                                           "tooltip": f"Step size alpha_i = scale * sqrt(linspace(1, 0.5, steps)[i]) "
+                                                      f"for sampler step i; 20 is {AE}, A-STAR publishes none. "
+                                                      f"0 measures the losses without guiding."}),
                 "threshold": ("FLOAT", {"default": astar.BINARISE_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.05,
-                                        "tooltip": "Binarisation of the previous step's map into the retention proxy "
-                                                   f"B_t (fraction of its maximum); 0.5 is {AE}."}),
+                                        "tooltip": "a_star: the previous step's map is binarised above this fraction "
+                                                   "of its maximum into the retention proxy B_t. 0.5 is the pack's "
+                                                   "choice (A-STAR publishes none, A&E has no such step). Unused by "
+                                                   "attend_and_excite."}),
             },
             "optional": {
                 "token_indices": ("STRING", {"default": "",
                                              "tooltip": "Explicit token positions instead of words, e.g. '2,5' "
-                                                        "(0 is the start token). Overrides concepts."}),
+                                                        "(0 is the start token, as A&E's token_indices). Overrides "
+                                                        "concepts."}),
                 "refine_at_steps": ("STRING", {"default": "",
-                                               "tooltip": "Steps with iterative refinement, e.g. '0,10,20' as in "
-                                                          "Attend-and-Excite: repeat the update until the loss stops "
-                                                          "falling. Empty: one update per step."}),
-                "max_refine_iters": ("INT", {"default": 20, "min": 1, "max": 100,
+                                               "tooltip": "Steps with iterative refinement. attend_and_excite: empty "
+                                                          "means A&E's 0,10,20 (with refine_thresholds). a_star: "
+                                                          "e.g. '0,10,20' repeats the update while the loss falls "
+                                                          "(the pack's rule; A-STAR publishes none); empty: one "
+                                                          "update per step."}),
+                "max_refine_iters": ("INT", {"default": astar.ATTEND_EXCITE_MAX_REFINE_ITERS, "min": 1, "max": 100,
                                              "tooltip": f"Most updates at a refinement step; 20 is {AE}."}),
                 "smoothing_sigma": ("FLOAT", {"default": astar.ATTEND_EXCITE_SMOOTHING[1], "min": 0.0, "max": 5.0,
                                               "step": 0.05,
-                                              "tooltip": f"Gaussian smoothing of the maps (3x3 kernel); 0.5 is {AE}."}),
+                                              "tooltip": f"Gaussian smoothing of the maps, A&E's 3x3 kernel "
+                                                         f"exp(-((x - mu) / (2 sigma))^2); 0.5 is {AE}."}),
+                "mode": (list(MODES), {"default": A_STAR,
+                                       "tooltip": "a_star: MMIG's A-STAR losses (Eqs. 19-20). attend_and_excite: "
+                                                  "Attend-and-Excite exactly as diffusers' pipeline (its maps, loss, "
+                                                  "refinement and step sizes; threshold, normalise_maps and "
+                                                  "reuse_prediction do not apply)."}),
+                "refine_thresholds": ("STRING", {"default": "",
+                                                 "tooltip": "attend_and_excite: one threshold per refine_at_steps "
+                                                            "step; refinement runs until every token's maximum "
+                                                            "reaches it. Empty with empty refine_at_steps: A&E's "
+                                                            "0.05,0.5,0.8 at steps 0,10,20."}),
+                "normalise_maps": ("BOOLEAN", {"default": True,
+                                               "tooltip": "a_star: divide each concept's map by its maximum before "
+                                                          "L_AS and L_AR, so weak and strong concepts weigh alike. "
+                                                          "The pack's own step: Eqs. 19-20 use the maps as they are."}),
+                "reuse_prediction": ("BOOLEAN", {"default": False,
+                                                 "tooltip": "a_star: reuse the noise prediction of the gradient pass "
+                                                            "after moving the latent: one UNet forward less per "
+                                                            "guided step, but not the paper's method. Off: predict "
+                                                            "again on the moved latent, as A-STAR and A&E do."}),
             },
         }
 
     def patch(self, model, clip, prompt, concepts, guided_steps, scale_factor, threshold, token_indices="",
-              refine_at_steps="", max_refine_iters=20, smoothing_sigma=astar.ATTEND_EXCITE_SMOOTHING[1]):
+              refine_at_steps="", max_refine_iters=astar.ATTEND_EXCITE_MAX_REFINE_ITERS,
+              smoothing_sigma=astar.ATTEND_EXCITE_SMOOTHING[1], mode=A_STAR, refine_thresholds="",
+              normalise_maps=True, reuse_prediction=False):
         positions, words = concepts_from_clip(clip, prompt, concepts, token_indices)
         settings = AStarSettings(positions, words, guided_steps=guided_steps, scale_factor=scale_factor,
                                  threshold=threshold, smoothing=(3, smoothing_sigma),
                                  refine_at_steps=parse_int_list(refine_at_steps, "refine_at_steps"),
-                                 max_refine_iters=max_refine_iters)
+                                 max_refine_iters=max_refine_iters, mode=mode,
+                                 refine_thresholds=parse_float_list(refine_thresholds, "refine_thresholds"),
+                                 normalise_maps=normalise_maps, reuse_prediction=reuse_prediction)
         return (guided_model(model, settings)[0],)
 
 

@@ -1,6 +1,7 @@
-"""Test-only ComfyUI custom node: teaches the host the tiny SDXL checkpoint of devtools/tiny_sdxl.py.
+"""Test-only ComfyUI custom node: teaches the host the tiny SDXL and SD1.x checkpoints of
+devtools/tiny_sdxl.py and devtools/tiny_sd15.py.
 
-Importing it inserts `TinySDXL` at the front of comfy.supported_models.models, the list the host's
+Importing it inserts `TinySDXL` and `TinySD15` at the front of comfy.supported_models.models, the list the host's
 checkpoint detection walks, so CheckpointLoaderSimple and comfy.sd.load_checkpoint_guess_config
 load the tiny checkpoint like any SDXL one. No host file is edited and no node is added. The
 architecture is read from the JSON files beside this module, which the builder reads too.
@@ -81,11 +82,35 @@ class TinySDXL(comfy.supported_models.SDXL):
         return comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, TinySDXLClipModel)
 
 
+class TinySD1ClipModel(comfy.sd1_clip.SD1ClipModel):
+    """The host's SD1.x text encoder with the tiny CLIP-L (768 wide) inside; SD1.x takes its last layer."""
+
+    def __init__(self, device="cpu", dtype=None, **kwargs):
+        torch.nn.Module.__init__(self)  # SD1ClipModel.__init__ would build the full-size CLIP-L
+        self.clip_name, self.clip = "l", "clip_l"
+        kwargs = dict(kwargs, device=device, dtype=dtype, textmodel_json_config=CLIP_L_CONFIG)
+        kwargs["model_options"] = {**kwargs.get("model_options", {}), "model_name": "clip_l"}
+        self.clip_l = comfy.sd1_clip.SDClipModel(**_accepted(comfy.sd1_clip.SDClipModel.__init__, kwargs))
+        self.dtypes = {dtype}
+
+
+class TinySD15(comfy.supported_models.SD15):
+    """The host's SD1.x model config (latent format, key layout, 8 heads) for the 32-channel tiny UNet."""
+
+    MMIG_TINY_SD15 = True
+    unet_config = {**comfy.supported_models.SD15.unet_config, "model_channels": 32}
+
+    def clip_target(self, *args, **kwargs):
+        return comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, TinySD1ClipModel)
+
+
 def register():
-    """Put TinySDXL first in the host's model list, once even if imported under two module names."""
+    """Put TinySDXL and TinySD15 first in the host's model list, once even if imported under two module names."""
     models = comfy.supported_models.models
     if not any(getattr(m, "MMIG_TINY", False) for m in models):
         models.insert(0, TinySDXL)
+    if not any(getattr(m, "MMIG_TINY_SD15", False) for m in models):
+        models.insert(0, TinySD15)
 
 
 register()

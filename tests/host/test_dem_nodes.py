@@ -89,6 +89,29 @@ def test_a_concept_not_in_the_prompt_lists_the_tokens_and_the_host_keeps_serving
     host.run_graph(guided_graph()).check()
 
 
+@pytest.mark.parametrize("options", [
+    # max_refine_iters 2: the tiny SDXL's near-uniform maps never reach A&E's thresholds, the cap stops it
+    {"mode": "attend_and_excite", "max_refine_iters": 2},
+    {"mode": "attend_and_excite", "refine_at_steps": "0,1", "refine_thresholds": "0.05,0.5", "max_refine_iters": 2},
+    {"mode": "a_star", "normalise_maps": False, "reuse_prediction": True, "refine_at_steps": "0"},
+], ids=["attend_and_excite", "attend_and_excite-own-refinement", "a_star-options"])
+def test_each_mode_samples_through_ksampler(host, options):
+    result = host.run_graph(guided_graph(**options)).check()
+    assert [f.stat().st_size > 0 for f in host.output_files(result)] == [True]
+
+
+def test_the_mode_input_is_optional_and_last_with_a_star_as_default(host):
+    optional = host.object_info()["MMIG_AStarGuidance"]["input"]["optional"]
+    assert list(optional)[4:] == ["mode", "refine_thresholds", "normalise_maps", "reuse_prediction"]
+    assert optional["mode"][0] == ["a_star", "attend_and_excite"] and optional["mode"][1]["default"] == "a_star"
+
+
+def test_unpaired_refine_thresholds_are_refused_and_the_host_keeps_serving(host):
+    result = host.run_graph(guided_graph(mode="attend_and_excite", refine_at_steps="0,1", refine_thresholds="0.5"))
+    assert not result.ok and "one refine_threshold per refine_at_steps step" in result.error
+    host.run_graph(guided_graph(mode="attend_and_excite", max_refine_iters=2)).check()
+
+
 def test_one_concept_runs_with_a_warning(host):
     host.run_graph(guided_graph("cat")).check()
     assert "fewer than two concepts" in host.log()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmig_core import astar
-from mmig_core.astar_guidance import ConceptError, capture_blocks, resolve_concepts
+from mmig_core.astar import ConceptError, capture_blocks, resolve_concepts
 
 
 def maps(*grids):
@@ -59,7 +59,7 @@ def test_binarise_thresholds_against_the_maximum_and_detaches():
 
 
 def test_gaussian_kernel_and_smoothing_on_known_inputs():
-    w = math.exp(-1 / (2 * 0.5 ** 2))
+    w = math.exp(-((1 / (2 * 0.5)) ** 2))  # Attend-and-Excite's kernel exp(-((x - mu) / (2 sigma))^2)
     g = torch.tensor([w, 1.0, w]) / (1 + 2 * w)
     assert torch.allclose(astar.gaussian_kernel(3, 0.5), g[:, None] * g[None, :])
     delta = torch.zeros(1, 1, 5, 5)
@@ -87,6 +87,34 @@ def test_concept_maps_average_layers_and_pick_columns():
     out = astar.concept_maps([layer_a, layer_b], (2, 2), [[0], [1]], smoothing=(1, 0.0))
     assert torch.allclose(out[0, 0], torch.tensor([[0.8, 0.3], [0.5, 0.1]]))
     assert torch.allclose(out[0, 1], torch.tensor([[0.2, 0.7], [0.5, 0.9]]))
+
+
+def test_attend_excite_maps_average_layers_and_heads_then_softmax_over_1_to_minus_1():
+    # Two layers of [B=1, N=4 queries, Nk=5 keys] summed over 2 and 1 heads: 3 heads in all.
+    gen = torch.Generator().manual_seed(0)
+    layer_a = torch.rand(1, 4, 5, generator=gen) * 2
+    layer_b = torch.rand(1, 4, 5, generator=gen)
+    out = astar.attend_excite_maps([layer_a, layer_b], 3, (2, 2), [2, 3], smoothing=(1, 0.0))
+    mean = (layer_a + layer_b) / 3
+    text = torch.softmax(100 * mean[..., 1:4], dim=-1)  # keys 1..3: the end/padding key 3 included
+    assert out.shape == (1, 2, 2, 2)
+    assert torch.allclose(out[0, 0].flatten(), text[0, :, 1]) and torch.allclose(out[0, 1].flatten(), text[0, :, 2])
+    # the softmax after the average differs from an average of per-layer softmaxes
+    per_layer = (torch.softmax(100 * layer_a[..., 1:4] / 2, -1) + torch.softmax(100 * layer_b[..., 1:4], -1)) / 2
+    assert not torch.allclose(text, per_layer, atol=1e-3)
+
+
+def test_attend_excite_loss_is_the_worst_tokens_missing_maximum():
+    maps = torch.zeros(2, 2, 2, 2)
+    maps[0, 0, 0, 0], maps[0, 1, 1, 1] = 0.9, 0.3
+    maps[1, 0, 0, 1], maps[1, 1, 0, 0] = 1.2, 1.0
+    assert astar.attend_excite_loss(maps).tolist() == pytest.approx([0.7, 0.0])
+
+
+def test_attend_excite_step_size_is_indexed_by_sampler_step():
+    schedule = [20 * math.sqrt(x) for x in torch.linspace(1, 0.5, 4).tolist()]
+    assert [astar.attend_excite_step_size(20, i, 4) for i in range(4)] == pytest.approx(schedule)
+    assert astar.attend_excite_step_size(20, 0, 1) == 20
 
 
 def test_explicit_probabilities_match_the_fused_kernel():

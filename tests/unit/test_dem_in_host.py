@@ -10,8 +10,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from devtools.pack import import_pack_module  # noqa: E402
 from mmig_core import layered_embeddings as layered  # noqa: E402
-from mmig_core.astar_guidance import AStarSettings, concepts_from_clip, guided_model  # noqa: E402
 
 SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "ddim"]
 LATENT = (1, 4, 8, 8)  # 64x64 px: the quarter-side layers are 2x2
@@ -22,7 +22,25 @@ QUARTER_SIDE_BLOCKS = {("input", 7), ("input", 8), ("middle", 0), ("output", 0),
 
 
 @pytest.fixture(scope="module")
-def loaded(load_tiny_sdxl_in_host):
+def guidance_module(load_tiny_sdxl_in_host):
+    """nodes/_guidance.py of the pack imported as the host imports it (after the host is importable)."""
+    return import_pack_module("nodes._guidance")
+
+
+def concepts_from_clip(*args):
+    return import_pack_module("nodes._guidance").concepts_from_clip(*args)
+
+
+def guided_model(model, settings):
+    return import_pack_module("nodes._guidance").guided_model(model, settings)
+
+
+def AStarSettings(*args, **kwargs):
+    return import_pack_module("nodes._guidance").AStarSettings(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def loaded(load_tiny_sdxl_in_host, guidance_module):
     model, clip, vae, _ = load_tiny_sdxl_in_host(output_vae=True, output_clip=True)
     with torch.inference_mode():
         cond, pooled = clip.encode_from_tokens(clip.tokenize(PROMPT), return_pooled=True)
@@ -127,3 +145,96 @@ def test_layered_embeddings_lower_the_masked_loss(loaded):
     assert torch.equal(result.e_opt, 0.7 * result.e_a + 0.3 * result.e_b)
     assert torch.allclose(extra["pooled_output"], 0.7 * fg_pooled + 0.3 * bg_pooled)
     assert not torch.equal(result.e_a, fg) and result.e_a.shape == fg.shape
+
+
+def _counting(model):
+    """A clone whose UNet calls are counted by a wrapper set before the guidance's (which chains it)."""
+    calls = []
+    counted = model.clone()
+
+    def wrapper(apply_model, args):
+        calls.append(len(args["cond_or_uncond"]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+    counted.set_model_unet_function_wrapper(wrapper)
+    return counted, calls
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_a_star_predicts_again_on_the_moved_latent_unless_told_to_reuse(loaded, reuse):
+    model, clip, conditioning = loaded
+    counted, calls = _counting(model)
+    guided, guidance = guided_model(counted, _settings(clip, guided_steps=2, scale_factor=200.0,
+                                                       reuse_prediction=reuse))
+    result = _sample(guided, conditioning, "ddim", steps=3)
+    assert torch.isfinite(result).all()
+    # each guided step: one pass with gradients, plus (unless reused) one on the moved latent; then one plain step
+    assert len(calls) == (3 if reuse else 5)
+    assert [r.updated for r in guidance.all_records()[-1]] == [True, True]
+
+
+def test_the_fresh_and_the_reused_prediction_differ(loaded):
+    model, clip, conditioning = loaded
+    fresh = _sample(guided_model(model, _settings(clip, guided_steps=2, scale_factor=200.0))[0], conditioning, "ddim")
+    reused = _sample(guided_model(model, _settings(clip, guided_steps=2, scale_factor=200.0, reuse_prediction=True))[0],
+                     conditioning, "ddim")
+    assert (fresh - reused).abs().max() > 1e-5
+
+
+def test_normalise_maps_off_changes_the_losses(loaded):
+    model, clip, conditioning = loaded
+    runs = []
+    for normalise in (True, False):
+        guided, guidance = guided_model(model, _settings(clip, guided_steps=1, scale_factor=0.0,
+                                                         normalise_maps=normalise))
+        _sample(guided, conditioning, steps=1)
+        runs.append(guidance.all_records()[-1][0].segregation)
+    assert runs[0] != pytest.approx(runs[1])
+
+
+def test_attend_and_excite_mode_refines_at_step_0_and_moves_the_latent(loaded):
+    model, clip, conditioning = loaded
+    plain = _sample(model, conditioning, "ddim", steps=2)
+    guided, guidance = guided_model(model, _settings(clip, mode="attend_and_excite", guided_steps=2,
+                                                     max_refine_iters=3))
+    result = _sample(guided, conditioning, "ddim", steps=2)
+    assert torch.isfinite(result).all() and (result - plain).abs().max() > 1e-4
+    first, second = guidance.all_records()[-1]
+    # A&E's refinement steps are 0, 10, 20; the tiny SDXL's near-uniform maps never reach 0.05, so the cap stops it
+    assert first.refine_iters == 3 and second.refine_iters == 0
+    assert 0 < first.attend_excite <= 1 and first.updated and second.updated
+
+
+def test_attend_and_excite_thresholds_must_pair_with_steps(loaded):
+    _, clip, _ = loaded
+    with pytest.raises(ValueError, match="one refine_threshold per refine_at_steps"):
+        _settings(clip, mode="attend_and_excite", refine_at_steps=(0, 5), refine_thresholds=(0.5,))
+    with pytest.raises(ValueError, match="mode must be one of a_star, attend_and_excite"):
+        _settings(clip, mode="attend")
+
+
+def test_an_uncond_batch_run_apart_sees_the_moved_latent(guidance_module):
+    # The host may run cond and uncond as separate UNet calls (cond first); the uncond prediction must
+    # then be made on the moved latent too. A one-layer stand-in UNet: x's 2x2 pixels attend to 4 keys.
+    g = guidance_module
+    seen = []
+    context = torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def apply_model(x, sigma, **c):
+        seen.append(x.detach().clone())
+        q = x.reshape(x.shape[0], 4, 4).transpose(1, 2) * 3
+        k = c["c_crossattn"].expand(x.shape[0], -1, -1)
+        out = guidance.attention_replace(q, k, k, {"n_heads": 1, "block": ("input", 1), "original_shape": x.shape})
+        return out.transpose(1, 2).reshape(x.shape)
+
+    settings = g.AStarSettings([[1], [2]], [1, 2, 3], guided_steps=1, scale_factor=50.0)
+    guidance = g.AStarGuidance(settings, torch.nn.Module(), lambda s: torch.ones(s.shape[0], 1, 1, 1), lambda s: 0.0)
+    x, sigma = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(1)), torch.tensor([5.0])
+    args = {"input": x, "timestep": sigma, "c": {"c_crossattn": context, "transformer_options": {}}}
+    guidance.unet_wrapper(apply_model, {**args, "cond_or_uncond": [g.COND]})
+    fresh_cond_input = seen[-1]
+    guidance.unet_wrapper(apply_model, {**args, "cond_or_uncond": [1]})
+    assert guidance.all_records()[-1][0].updated
+    assert not torch.allclose(fresh_cond_input, x) and torch.equal(seen[-1], fresh_cond_input)
+    before = x.clone()
+    guidance.post_cfg({"denoised": torch.zeros_like(x), "input": x, "sigma": sigma})
+    assert torch.allclose(x, fresh_cond_input) and not torch.equal(x, before)  # the sampler's latent moved

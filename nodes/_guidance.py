@@ -1,0 +1,470 @@
+"""Attention guidance during sampling (A-STAR, Attend-and-Excite), in the host's patch protocol.
+
+The maths lives in mmig_core/astar.py; this file hooks it into a cloned MODEL. Nothing of the host is
+imported (the ModelPatcher and CLIP are duck-typed), so in-process tests and benches use it directly.
+
+- `attention_replace(q, k, v, extra_options)`: the attn2 replacement at the capture layers; during a
+  guided pass it computes explicit probabilities and records each layer's maps.
+- `unet_wrapper(apply_model, args)`: on guided steps runs the sampler's CFG batch with gradients,
+  reads the maps, moves the latent (z <- z - alpha grad_z loss; Attend-and-Excite with its iterative
+  refinement), then predicts again on the moved latent, as both papers do. `reuse_prediction` (a_star
+  only) keeps the prediction of the gradient pass instead: one UNet forward less per guided step.
+- `post_cfg(args)`: moves the sampler's own latent (in place: its step starts from the moved z).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ..mmig_core import astar
+from ..mmig_core.astar import ConceptError, describe_tokens, resolve_concepts
+
+log = logging.getLogger("mmig.astar")
+COND = 0  # the host's marker for the conditional chunk of a batch
+KEEP_RUNS = 8  # loss records of the last sampling runs kept for inspection
+A_STAR, ATTEND_AND_EXCITE = "a_star", "attend_and_excite"
+MODES = (A_STAR, ATTEND_AND_EXCITE)
+
+
+@dataclass
+class AStarSettings:
+    concept_positions: list[list[int]]   # context positions of each concept's tokens
+    word_positions: list[int]            # the prompt's word tokens: a_star's text softmax runs over these
+    guided_steps: int = astar.ATTEND_EXCITE_GUIDED_STEPS
+    scale_factor: float = astar.ATTEND_EXCITE_SCALE_FACTOR
+    threshold: float = astar.BINARISE_THRESHOLD
+    smoothing: tuple[int, float] = astar.ATTEND_EXCITE_SMOOTHING
+    refine_at_steps: tuple[int, ...] = ()
+    max_refine_iters: int = astar.ATTEND_EXCITE_MAX_REFINE_ITERS
+    measure_all_steps: bool = False      # evidence runs: log the losses after the guided steps too
+    mode: str = A_STAR
+    refine_thresholds: tuple[float, ...] = ()  # attend_and_excite: one per refinement step
+    normalise_maps: bool = True          # a_star: each map over its maximum before L_AS / L_AR (the pack's own)
+    reuse_prediction: bool = False       # a_star: keep the gradient pass's prediction (faster, not the paper's)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got '{self.mode}'.")
+        if self.mode == ATTEND_AND_EXCITE:
+            if not self.refine_at_steps and not self.refine_thresholds:
+                self.refine_at_steps = tuple(astar.ATTEND_EXCITE_THRESHOLDS)
+                self.refine_thresholds = tuple(astar.ATTEND_EXCITE_THRESHOLDS.values())
+            if len(self.refine_at_steps) != len(self.refine_thresholds):
+                raise ValueError(f"attend_and_excite needs one refine_threshold per refine_at_steps step: got steps "
+                                 f"{list(self.refine_at_steps)} and thresholds {list(self.refine_thresholds)} "
+                                 f"(A&E's are steps 0,10,20 with 0.05,0.5,0.8; leave both empty for those).")
+            self.reuse_prediction = False  # A&E always predicts again on the updated latent
+
+    @property
+    def refinement(self) -> dict[int, float | None]:
+        """Refinement steps -> A&E's threshold (None in a_star mode: refine while the loss falls)."""
+        if self.mode == ATTEND_AND_EXCITE:
+            return dict(zip(self.refine_at_steps, self.refine_thresholds))
+        return dict.fromkeys(self.refine_at_steps)
+
+    @property
+    def concept_columns(self) -> list[list[int]]:
+        """Each concept's columns among the word positions (a_star's text softmax output order)."""
+        index = {p: i for i, p in enumerate(self.word_positions)}
+        return [[index[p] for p in group] for group in self.concept_positions]
+
+    @property
+    def token_positions(self) -> list[int]:
+        """attend_and_excite's token indices: every token of every concept, each excited on its own."""
+        return [p for group in self.concept_positions for p in group]
+
+
+@dataclass
+class StepRecord:
+    step: int
+    sigma: float
+    segregation: float
+    retention: float | None
+    alpha: float
+    updated: bool
+    refine_iters: int = 0
+    attend_excite: float | None = None   # attend_and_excite's loss before the step's updates
+
+
+@dataclass
+class _Run:
+    step: int = -1
+    last_sigma: float | None = None
+    previous_binary: torch.Tensor | None = None
+    records: list[StepRecord] = field(default_factory=list)
+
+
+class AStarGuidance:
+    def __init__(self, settings: AStarSettings, diffusion_model: torch.nn.Module, input_scale, progress):
+        """input_scale(sigma [B]) -> [B, 1, 1, 1]: the host's x -> UNet-input factor (z = s * x).
+        progress(sigma) -> float in [0, 1]: how far through the training schedule the noise level is
+        (the step-size schedule's fallback on hosts that do not tell the sampler's sigmas)."""
+        self.settings = settings
+        self.diffusion_model = diffusion_model
+        self.input_scale = input_scale
+        self.progress = progress
+        self.capture_calls: dict[tuple, int] = {}  # block key -> calls during guided passes (tests count them)
+        self.run = _Run()
+        self.runs: list[list[StepRecord]] = []
+        self._capturing = False
+        self._cond_rows: torch.Tensor | None = None
+        self._layer_maps: list[torch.Tensor] = []
+        self._heads = 0
+        self._map_size: tuple[int, int] | None = None
+        self._pending: tuple[float, torch.Tensor, torch.Tensor] | None = None
+        self.warnings: list[str] = []
+        if settings.mode == A_STAR and len(settings.concept_positions) < 2:
+            self._warn("A-STAR got fewer than two concepts: the segregation term L_AS is skipped, only "
+                       "the retention term L_AR guides.")
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def attention_replace(self, q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        if not self._capturing:
+            b = q.shape[0]
+            qh, kh, vh = (t.reshape(b, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+            out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh)
+            return out.transpose(1, 2).reshape(b, q.shape[1], -1)
+        block = extra_options.get("block")
+        key = (block[0], block[1]) if block else ("unknown", 0)
+        self.capture_calls[key] = self.capture_calls.get(key, 0) + 1
+        probs = astar.attention_probabilities(q, k, heads)
+        if self.settings.mode == ATTEND_AND_EXCITE:
+            self._layer_maps.append(probs[self._cond_rows].sum(dim=1))
+            self._heads += heads
+        else:
+            self._layer_maps.append(astar.text_token_maps(probs[self._cond_rows], self.settings.word_positions))
+        self._map_size = astar.layer_size(extra_options.get("original_shape"), q.shape[1])
+        return astar.attention_output(probs, v)
+
+    def unet_wrapper(self, apply_model, args):
+        x, sigma, c, chunks = args["input"], args["timestep"], args["c"], args["cond_or_uncond"]
+        if COND not in chunks:  # an uncond-only batch after the guided cond one: same (moved) latent
+            return apply_model(self._moved(x, sigma, len(chunks)), sigma, **c)
+        step = self._track_step(sigma)
+        if not self._guides(step):
+            return apply_model(x, sigma, **c)
+        try:
+            return self._guided_forward(apply_model, x, sigma, c, chunks, step)
+        except (RuntimeError, ValueError) as exc:  # e.g. another patch that autograd cannot go through
+            self._capturing, self._layer_maps, self._heads, self._pending = False, [], 0, None
+            self._warn(f"A-STAR: guidance skipped at step {step}: {exc}")
+            return apply_model(x, sigma, **c)
+
+    def post_cfg(self, args):
+        denoised, x = args["denoised"], args["input"]
+        pending, self._pending = self._pending, None
+        if pending is None or not self._same_sigma(pending[0], args["sigma"]):
+            return denoised
+        _, latent_move, denoised_shift = pending
+        if latent_move.shape != x.shape:
+            return denoised
+        try:
+            x.add_(latent_move.to(x))  # the sampler's own latent: its step now starts from the updated z
+        except RuntimeError:  # not writable here (an inference tensor outside inference mode)
+            return denoised + latent_move.to(denoised)
+        return denoised + denoised_shift.to(denoised)
+
+    # -- the guided pass --------------------------------------------------------------------------
+    def _guides(self, step: int) -> bool:
+        s = self.settings
+        if s.measure_all_steps or step < s.guided_steps:
+            return True
+        return s.mode == ATTEND_AND_EXCITE and step in s.refinement  # A&E refines there even past max_iter_to_alter
+
+    def _guided_forward(self, apply_model, x, sigma, c, chunks, step):
+        s = self.settings
+        n_chunks = len(chunks)
+        batch = x.shape[0] // n_chunks
+        cond_chunks = [i for i, kind in enumerate(chunks) if kind == COND]
+        update = step < s.guided_steps and s.scale_factor > 0
+        refine = s.scale_factor > 0 and step in s.refinement
+        alpha = self._alpha(sigma, c) if (update or refine) else 0.0
+
+        def repeat(delta):
+            return delta.repeat(n_chunks, *([1] * (delta.ndim - 1)))
+
+        with torch.inference_mode(False), torch.enable_grad():
+            astar.make_weights_differentiable(self.diffusion_model)
+            rows = torch.cat([torch.arange(i * batch, (i + 1) * batch) for i in cond_chunks]).to(x.device)
+            x_base, c_work, sigma_work = x.detach().clone(), _clone_tensors(c), sigma.clone()
+            scale = self.input_scale(sigma_work[:batch]).to(x_base)
+
+            def evaluate(delta):
+                x_in = (x_base + repeat(delta)).requires_grad_(True)
+                out, maps = self._forward_capturing(apply_model, x_in, sigma_work, c_work, rows)
+                return out.detach(), maps, x_in
+
+            def gradient(loss, x_in):
+                """grad of the summed loss with respect to the sampler's latent, as an x-space move per unit
+                alpha: z = s x, so grad_z = grad_x / s and x' = z' / s moves x by -alpha grad_x / s^2."""
+                if not loss.requires_grad or not torch.isfinite(loss).all():
+                    return None
+                grad_in = torch.autograd.grad(loss.sum(), x_in)[0]
+                return sum(grad_in[i * batch:(i + 1) * batch] for i in cond_chunks) / scale ** 2
+
+            delta = torch.zeros_like(x_base[:batch])   # the move of the sampler's latent, in x units
+            run = self._attend_excite if s.mode == ATTEND_AND_EXCITE else self._a_star
+            record, delta, output, delta_at_output = run(evaluate, gradient, delta, step, float(sigma.max()),
+                                                         alpha, update, refine)
+        self.run.records.append(record)
+        if not record.updated:
+            return output
+        if s.reuse_prediction:
+            # The returned prediction was made at x + delta_at_output; reusing its noise estimate at
+            # x + delta shifts the denoised estimate by the difference.
+            self._pending = (float(sigma.max()), delta, delta - delta_at_output)
+            return output
+        self._pending = (float(sigma.max()), delta, torch.zeros_like(delta))
+        return apply_model(x + repeat(delta).to(x), sigma, **c)  # a fresh prediction on the moved latent
+
+    def _a_star(self, evaluate, gradient, delta, step, sigma, alpha, update, refine):
+        """Eqs. 19-20: one update z <- z - alpha grad(L_AS + L_AR); at a refinement step, repeated while the
+        loss falls (the pack's stopping rule: A-STAR publishes none), at most max_refine_iters times."""
+        s = self.settings
+        record, best, iters = None, None, 0
+        while True:
+            output, maps, x_in = evaluate(delta)
+            delta_at_output = delta
+            loss_as, loss_ar = self._a_star_losses(maps)
+            if record is None:
+                record = StepRecord(step, sigma, float(loss_as.detach().mean()),
+                                    None if loss_ar is None else float(loss_ar.detach().mean()), alpha, False)
+                binary_next = astar.binarise(maps, s.threshold)
+            total = loss_as + (loss_ar if loss_ar is not None else 0)
+            if not update:
+                break
+            delta, ok = self._move(delta, gradient(total, x_in), alpha, step)
+            if not ok:
+                break
+            iters, record.updated = iters + 1, True
+            current = float(total.detach().sum())
+            if not refine or iters >= s.max_refine_iters or (best is not None and current > best * 0.999):
+                break  # refinement stops once the loss stops falling
+            best = current
+        record.refine_iters = max(iters - 1, 0)
+        self.run.previous_binary = binary_next
+        return record, delta, output, delta_at_output
+
+    def _attend_excite(self, evaluate, gradient, delta, step, sigma, alpha, update, refine):
+        """diffusers' StableDiffusionAttendAndExcitePipeline, step i: at a refinement step whose loss is above
+        1 - threshold, update until it is not (each iteration: loss at z, z <- z - alpha grad, stop once that
+        loss was at or below the target, or after max_refine_iters), then measure again; then, for
+        i < max_iter_to_alter (guided_steps), one more update. Per image of the batch, as A&E loops."""
+        s = self.settings
+        output, maps, x_in = evaluate(delta)
+        loss = astar.attend_excite_loss(maps)
+        record = StepRecord(step, sigma, 0.0, None, alpha, False, attend_excite=float(loss.detach().max()))
+        iters = 0
+        if refine:
+            target = max(0.0, 1.0 - s.refinement[step])
+            active = loss.detach() > target
+            while bool(active.any()):
+                iters += 1
+                if iters > 1:
+                    output, maps, x_in = evaluate(delta)
+                    loss = astar.attend_excite_loss(maps)
+                delta, ok = self._move(delta, gradient(loss, x_in), alpha, step, active & (loss.detach() > 0))
+                if not ok:
+                    break
+                record.updated = True
+                active = active & (loss.detach() > target)
+                if iters >= s.max_refine_iters:
+                    break
+            if iters:
+                output, maps, x_in = evaluate(delta)
+                loss = astar.attend_excite_loss(maps)
+        delta_at_output = delta
+        if update and bool((loss.detach() > 0).any()):
+            delta, ok = self._move(delta, gradient(loss, x_in), alpha, step, loss.detach() > 0)
+            record.updated = record.updated or ok
+        record.refine_iters = iters
+        return record, delta, output, delta_at_output
+
+    def _move(self, delta, grad, alpha, step, mask=None):
+        if mask is not None and grad is not None:
+            grad = grad * mask.to(grad).reshape(-1, *([1] * (grad.ndim - 1)))
+        moved, ok = astar.safe_update(delta, grad, alpha)
+        if not ok:
+            self._warn(f"A-STAR: the loss or its gradient is NaN/Inf at step {step}; no guidance this step.")
+        return moved.detach(), ok
+
+    def _alpha(self, sigma, c) -> float:
+        """A&E's alpha_i = scale * sqrt(linspace(1, 0.5, steps)[i]). Hosts since mid-2024 pass the sampler's
+        sigmas (transformer_options["sample_sigmas"]); older ones do not, and i / (steps - 1) is then
+        estimated from the noise level (1 - t / t_max: within 2 % of it for 50 DDIM steps)."""
+        sigmas = c.get("transformer_options", {}).get("sample_sigmas")
+        if sigmas is not None and len(sigmas) > 1:
+            sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
+            i = int((sigmas[:-1] - float(sigma.max())).abs().argmin())
+            return astar.attend_excite_step_size(self.settings.scale_factor, i, len(sigmas) - 1)
+        return self.settings.scale_factor * astar.step_size(1.0, self.progress(sigma))
+
+    def _forward_capturing(self, apply_model, x_in, sigma, c, rows):
+        self._capturing, self._cond_rows, self._layer_maps, self._heads = True, rows, [], 0
+        try:
+            out = apply_model(x_in, sigma, **c)
+        finally:
+            self._capturing = False
+        if not self._layer_maps:
+            raise RuntimeError("A-STAR captured no cross-attention maps: the model has no cross-attention "
+                               "layer at the chosen blocks.")
+        s = self.settings
+        if s.mode == ATTEND_AND_EXCITE:
+            maps = astar.attend_excite_maps(self._layer_maps, self._heads, self._map_size, s.token_positions,
+                                            s.smoothing)
+        else:
+            maps = astar.concept_maps(self._layer_maps, self._map_size, s.concept_columns, s.smoothing)
+        self._layer_maps, self._heads = [], 0
+        return out, maps
+
+    def _a_star_losses(self, maps):
+        normed = astar.normalise(maps) if self.settings.normalise_maps else maps
+        loss_as = astar.segregation_loss(normed)
+        previous = self.run.previous_binary
+        loss_ar = None
+        if previous is not None and previous.shape == maps.shape:
+            loss_ar = astar.retention_loss(normed, previous)
+        return loss_as, loss_ar
+
+    def _moved(self, x, sigma, n_chunks):
+        pending = self._pending
+        if pending is None or self.settings.reuse_prediction or not self._same_sigma(pending[0], sigma):
+            return x
+        delta = pending[1]
+        if x.shape[0] != delta.shape[0] * n_chunks or x.shape[1:] != delta.shape[1:]:
+            return x
+        return x + delta.repeat(n_chunks, *([1] * (delta.ndim - 1))).to(x)
+
+    @staticmethod
+    def _same_sigma(value: float, sigma) -> bool:
+        return abs(float(sigma.max()) - value) <= 1e-6 * max(value, 1.0)
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    def _track_step(self, sigma) -> int:
+        value = float(sigma.max())
+        run = self.run
+        if run.last_sigma is None or value > run.last_sigma * (1 + 1e-5):
+            if run.records:
+                self.runs = (self.runs + [run.records])[-KEEP_RUNS:]
+            self.run = run = _Run()
+            run.step = 0
+        elif value < run.last_sigma * (1 - 1e-5):
+            run.step += 1
+        run.last_sigma = value
+        return run.step
+
+    def _warn(self, message: str) -> None:
+        log.warning(message)
+        self.warnings = (self.warnings + [message])[-KEEP_RUNS * 4:]
+
+    def all_records(self) -> list[list[StepRecord]]:
+        return self.runs + ([self.run.records] if self.run.records else [])
+
+
+def _clone_tensors(c: dict) -> dict:
+    """Copies of the conditioning made outside inference mode, so autograd may save them."""
+    out = {}
+    for key, value in c.items():
+        if torch.is_tensor(value):
+            out[key] = value.clone()
+        elif isinstance(value, dict) and key != "transformer_options":
+            out[key] = _clone_tensors(value)
+        else:
+            out[key] = value
+    return out
+
+
+# -- the host side, duck-typed: a ComfyUI ModelPatcher and CLIP, never imported ---------------------
+
+def guided_model(model, settings: AStarSettings):
+    """A clone of the ModelPatcher `model` with the guidance hooks; returns (clone, guidance) so callers can
+    read its records. The given model is not changed."""
+    patched = model.clone()
+    base = patched.model
+    sampling = base.model_sampling
+    steps_in_schedule = max(len(getattr(sampling, "sigmas", ())) - 1, 1)
+
+    def input_scale(sigma):
+        return sampling.calculate_input(sigma, torch.ones((sigma.shape[0], 1, 1, 1), device=sigma.device))
+
+    def progress(sigma):
+        return 1.0 - float(sampling.timestep(sigma.max().reshape(1)).float()) / steps_in_schedule
+
+    guidance = AStarGuidance(settings, base.diffusion_model, input_scale, progress)
+    blocks = astar.capture_blocks(base.diffusion_model)
+    if not blocks:
+        raise ValueError("MMIG A-STAR Guidance needs a UNet with cross-attention (SD1.x, SDXL); this model has none.")
+    for name, index in blocks:
+        patched.set_model_attn2_replace(guidance.attention_replace, name, index)
+    for path, norm in astar.residual_norms(base.diffusion_model):  # see astar.residual_norms
+        patched.add_object_patch(f"diffusion_model.{path}.forward", astar.forward_on_a_copy(norm.forward))
+    patched.set_model_unet_function_wrapper(_chain(patched.model_options.get("model_function_wrapper"),
+                                                   guidance.unet_wrapper))
+    patched.set_model_sampler_post_cfg_function(guidance.post_cfg)
+    return patched, guidance
+
+
+def _chain(previous, wrapper):
+    """Keep a wrapper another node set before ours: ours calls it as its apply_model."""
+    if previous is None:
+        return wrapper
+
+    def chained(apply_model, args):
+        def inner(x, t, **c):
+            return previous(apply_model, {**args, "input": x, "timestep": t, "c": c})
+        return wrapper(inner, args)
+    return chained
+
+
+def parse_int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated whole numbers, e.g. '0,10,20'; got '{text}'.") from None
+
+
+def parse_float_list(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, e.g. '0.05,0.5,0.8'; got '{text}'.") from None
+
+
+def concepts_from_clip(clip, prompt: str, concepts: str, token_indices: str):
+    """(concept positions, word positions) of the prompt as the host's CLIP tokenizes it; explicit
+    token_indices ("2,5", 0 being the start token) take the place of the concept words."""
+    tokenizer = clip.tokenizer
+    inner = getattr(tokenizer, "clip_l", None) or getattr(tokenizer, getattr(tokenizer, "clip", ""), None)
+    start_id, end_id = getattr(inner, "start_token", 49406), getattr(inner, "end_token", 49407)
+    inv_vocab = getattr(inner, "inv_vocab", {})
+
+    def describe(token):
+        return inv_vocab.get(token, str(token)).replace("</w>", "")
+
+    def ids(text):
+        tokens = clip.tokenize(text)
+        chunks = tokens["l"] if "l" in tokens else next(iter(tokens.values()))
+        return [[t[0] if isinstance(t, (tuple, list)) else int(t) for t in chunk] for chunk in chunks]
+
+    prompt_chunks = ids(prompt)
+    if token_indices.strip():
+        _, words = resolve_concepts(prompt_chunks, {}, start_id, end_id)
+        flat = [t for chunk in prompt_chunks for t in chunk]
+        positions = [[i] for i in parse_int_list(token_indices, "token_indices")]
+        bad = [p[0] for p in positions if p[0] not in words]
+        if bad:
+            raise ConceptError(f"token_indices {bad} are not word tokens of the prompt. The prompt's tokens are: "
+                               f"{describe_tokens(flat, words, describe)}.")
+        return positions, words
+    names = [c.strip() for c in concepts.split(",") if c.strip()]
+    if not names:
+        raise ConceptError("No concept given: write the prompt's words to guide, comma-separated (e.g. 'cat, dog'), "
+                           "or give token_indices.")
+    concept_ids = {}
+    for name in names:
+        chunk = ids(name)[0]
+        concept_ids[name] = chunk[1:chunk.index(end_id, 1)] if end_id in chunk[1:] else chunk[1:]
+    return resolve_concepts(prompt_chunks, concept_ids, start_id, end_id, describe)
