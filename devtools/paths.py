@@ -28,20 +28,3 @@ def offline_env(env: dict | None = None) -> dict:
                TOKENIZERS_PARALLELISM="false")
     return env
 
-
-PACK_UNDER_TEST = "mmig_pack_under_test"
-
-
-def pack_module(name: str):
-    """`name` (e.g. "nodes.lora") of the repository imported as one package, as the host's custom_nodes loader
-    imports it, so the nodes' relative imports of mmig_core resolve without a host process."""
-    import importlib
-    import importlib.util
-    import sys
-    if PACK_UNDER_TEST not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK_UNDER_TEST, REPO_ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(REPO_ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_UNDER_TEST] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{PACK_UNDER_TEST}.{name}")

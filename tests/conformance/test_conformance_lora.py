@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from devtools.paths import pack_module
+from devtools.pack import import_pack_module as pack_module
 from devtools.tiny_lora import FORMATS, format_state_dict, kohya_name, unet_tensors
 from devtools.tiny_models import TINY_SDXL
 from mmig_core import lora as core

@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from devtools.paths import pack_module  # noqa: E402
+from devtools.pack import import_pack_module as pack_module  # noqa: E402
 from devtools.tiny_mmsm import tiny_mmsm_config  # noqa: E402
 
 def import_pack():
