@@ -58,6 +58,10 @@ def tensor_problem(node: str, name: str, kind: str, value) -> str | None:
     tensor = value.get("samples") if kind == "LATENT" and isinstance(value, dict) else value
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.numel() == 0:
         return None  # other shapes of bad input are the node's own checks
+    # Any NaN or Inf makes the sum non-finite; one reduction is cheaper than a mask. Overflow alone goes on to
+    # the exact count, which then finds nothing.
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32 if tensor.dtype != torch.float64 else None))):
+        return None
     finite = torch.isfinite(tensor)
     if bool(finite.all()):
         return None

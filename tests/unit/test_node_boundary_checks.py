@@ -92,6 +92,9 @@ def test_the_function_refuses_non_finite_values_linked_or_not():
             node.run(**{"name": "a", "strength": 0.5, "image": image, **change})
     with pytest.raises(checks.NodeInputError, match="strength is NaN"):
         node.run("a", math.nan, image)
+    # Large but finite values whose sum overflows are not mistaken for Inf; half precision is checked too.
+    assert checks.tensor_problem("N", "latent", "LATENT", {"samples": torch.full((4,), 3e38)}) is None
+    assert "1 NaN" in checks.tensor_problem("N", "image", "IMAGE", bad.half())
 
 
 def test_input_lists_are_checked_item_by_item_and_installing_twice_wraps_once():
