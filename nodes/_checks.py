@@ -9,6 +9,7 @@ without this it gives an all-NaN image or silently changes what a node does. The
 """
 import functools
 import inspect
+import logging
 import math
 
 import torch
@@ -155,7 +156,11 @@ def check_node_inputs(class_mappings: dict, display_names: dict) -> None:
         if getattr(node_class, _INSTALLED, False):
             continue
         node = display_names.get(node_id, node_id)
-        declared = _declared_inputs(node_class)
+        try:
+            declared = _declared_inputs(node_class)
+        except Exception as exc:  # e.g. an unreadable model folder: the pack must still load
+            logging.warning("MMIG: %s: inputs not checked, INPUT_TYPES failed: %s", node, exc)
+            continue
         floats = {k: v for k, v in declared.items() if v[0] == "FLOAT"}
         checked = {k: v for k, v in declared.items() if v[0] == "FLOAT" or v[0] in TENSOR_TYPES}
         if floats:

@@ -138,3 +138,18 @@ def test_every_pack_node_validates_each_of_its_float_inputs():
             given = {name: math.nan for name in floats}
             assert "is NaN" in str(host_call(node_class, given)), node_id
     assert seen >= 6  # MMSM Apply, LoRA Merge, MUMU Loader, A-STAR, Layered Embeddings, VLM Loader
+
+
+def test_a_node_whose_input_types_fail_is_left_unchecked_and_the_rest_installed(caplog):
+    class Broken:
+        FUNCTION = "run"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            raise OSError("models folder unreadable")
+
+    good = make_node(False)
+    good._mmig_checked_inputs = False
+    checks.check_node_inputs({"B": Broken, "G": good}, {"B": "Broken Node"})
+    assert not hasattr(Broken, "VALIDATE_INPUTS") and "Broken Node" in caplog.text
+    assert "G: strength is NaN" in host_call(good, {"strength": math.nan})
