@@ -153,7 +153,7 @@ def _with_checked_function(node_class, node: str, checked: dict) -> None:
 def check_node_inputs(class_mappings: dict, display_names: dict) -> None:
     """Install the boundary checks on every node class of the mappings (once per class)."""
     for node_id, node_class in class_mappings.items():
-        if getattr(node_class, _INSTALLED, False):
+        if node_class.__dict__.get(_INSTALLED):  # not inherited: a subclass gets its own
             continue
         node = display_names.get(node_id, node_id)
         try:

@@ -149,7 +149,7 @@ def test_a_node_whose_input_types_fail_is_left_unchecked_and_the_rest_installed(
             raise OSError("models folder unreadable")
 
     good = make_node(False)
-    good._mmig_checked_inputs = False
+    del good._mmig_checked_inputs
     checks.check_node_inputs({"B": Broken, "G": good}, {"B": "Broken Node"})
     assert not hasattr(Broken, "VALIDATE_INPUTS") and "Broken Node" in caplog.text
     assert "G: strength is NaN" in host_call(good, {"strength": math.nan})
