@@ -73,7 +73,7 @@ def tensor_problem(node: str, name: str, kind: str, value) -> str | None:
             f"connected to {name}, which produced them")
 
 
-def _problems(node: str, declared: dict, values: dict, is_list: bool):
+def _problems(node: str, declared: dict, values: dict, is_list: bool, running: bool = False):
     for name, value in values.items():
         if name not in declared or value is None:
             continue
@@ -84,6 +84,8 @@ def _problems(node: str, declared: dict, values: dict, is_list: bool):
                 continue
             if kind == "FLOAT":
                 problem = float_problem(node, name, item, options)
+                if problem and running:  # widgets were refused before the run: this one is most likely linked
+                    problem += f" (if {name} is linked, look at the node connected to {name})"
             elif kind in TENSOR_TYPES:
                 problem = tensor_problem(node, name, kind, item)
             else:
@@ -143,7 +145,7 @@ def _with_checked_function(node_class, node: str, checked: dict) -> None:
         values = kwargs
         if args:
             values = signature.bind_partial(self, *args, **kwargs).arguments
-        for problem in _problems(node, checked, values, is_list):
+        for problem in _problems(node, checked, values, is_list, running=True):
             raise NodeInputError(problem)
         return original(self, *args, **kwargs)
 

@@ -188,7 +188,7 @@ FLOAT_WIDGETS = [
 # Values that exist only once the graph runs: a FLOAT from another node, and tensors.
 RUNTIME_VALUES = [
     Case("lora-linked-strength-nan", lambda host: lora_merge(linked_strength="nan"),
-         ("MMIG LoRA Merge", "strength", "NaN")),
+         ("MMIG LoRA Merge", "strength is NaN", "the node connected to strength")),
     Case("layered-mask-nan-from-solid-mask", lambda host: layered(mask_value=NAN),
          ("MMIG Layered Embeddings", "mask", "NaN", "the node connected to mask")),
     Case("layered-latent-inf", lambda host: layered(bad_latent="inf"),
