@@ -58,11 +58,8 @@ def still_serves(host):
 
 # --- item 8: /interrupt during a long describe ------------------------------------------------------------------
 
-def test_interrupt_during_describe_ends_the_prompt_within_two_seconds_and_the_next_graph_runs(host):
-    host.run_graph(describe_graph(max_new_tokens=2)).check()  # the VLM loader's output is now cached
-    graph = describe_graph(max_new_tokens=2048)
-    # This image and history make the tiny model write all 2048 tokens (about 40 s on a CPU): it never ends early.
-    graph["1"]["inputs"]["color"] = 0x778899
+def interrupt_while_running(host, graph, what, after=1.5):
+    """Run `graph`, POST /interrupt `after` s into it; returns (result, seconds from the POST to the end)."""
     outcome = {}
 
     def run():
@@ -74,15 +71,34 @@ def test_interrupt_during_describe_ends_the_prompt_within_two_seconds_and_the_ne
     deadline = time.monotonic() + 30
     while not host.get("/queue")["queue_running"] and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(1.5)  # well inside generation: 2048 tokens take far longer on the tiny model
-    assert worker.is_alive(), f"the long describe finished before it could be interrupted: {outcome}"
+    time.sleep(after)
+    assert worker.is_alive(), f"the {what} finished before it could be interrupted: {outcome}"
     posted = time.monotonic()
     interrupt(host)
     worker.join(timeout=60)
-    result = outcome["result"]
+    seconds = outcome["done"] - posted
+    print(f"{what} interrupted: the prompt ended {seconds:.2f} s after POST /interrupt")
+    return outcome["result"], seconds
+
+
+def test_interrupt_during_describe_ends_the_prompt_within_two_seconds_and_the_next_graph_runs(host):
+    host.run_graph(describe_graph(max_new_tokens=2)).check()  # the VLM loader's output is now cached
+    graph = describe_graph(max_new_tokens=2048)
+    # This image and history make the tiny model write all 2048 tokens (about 40 s on a CPU): it never ends early.
+    graph["1"]["inputs"]["color"] = 0x778899
+    result, seconds = interrupt_while_running(host, graph, "describe")
     assert not result.ok and "interrupted" in result.error, result.error
-    print(f"describe interrupted: the prompt ended {outcome['done'] - posted:.2f} s after POST /interrupt")
-    assert outcome["done"] - posted < 2.0, f"the prompt ended {outcome['done'] - posted:.2f} s after /interrupt"
+    assert seconds < 2.0, f"the prompt ended {seconds:.2f} s after /interrupt"
+    still_serves(host)
+
+
+def test_interrupt_during_a_blip2_batch_ends_the_prompt_within_two_seconds(host):
+    host.run_graph(caption_graph()).check()  # the loader's output is now cached
+    graph = caption_graph(max_new_tokens=512)  # each caption runs to the tiny model's 128 positions
+    graph["1"]["inputs"]["batch_size"] = 256
+    result, seconds = interrupt_while_running(host, graph, "BLIP-2 batch")
+    assert not result.ok and "interrupted" in result.error, result.error
+    assert seconds < 2.0, f"the prompt ended {seconds:.2f} s after /interrupt"
     still_serves(host)
 
 
