@@ -256,6 +256,6 @@ def test_bundle_names_outside_models_mmig_are_refused_and_symlinks_inside_work(h
                  "../mmig/real-bundle", "./real-bundle", "real-bundle/.", "..", ".", "", "sub/real-bundle",
                  "..\\input\\uploaded"):
         assert lora_nodes.find_bundle(name) is None, name
-        message = lora_nodes.MMIG_MUMULoader.VALIDATE_INPUTS(name)
+        message = lora_nodes.MMIG_MUMULoader.VALIDATE_INPUTS(bundle_name=name)  # by name, as the host calls it
         assert isinstance(message, str) and "bundle_name" in message and "no '..'" in message
-    assert lora_nodes.MMIG_MUMULoader.VALIDATE_INPUTS("real-bundle") is True
+    assert lora_nodes.MMIG_MUMULoader.VALIDATE_INPUTS(bundle_name="real-bundle") is True
