@@ -51,7 +51,7 @@ def cap_new_tokens(max_new_tokens: int, prompt_length: int, positions: int | Non
     room = positions - prompt_length
     if room < 1:
         raise ValueError(f"{what}: the prompt takes {prompt_length} tokens, the model has {positions} positions: "
-                         f"shorten the prompt (or the history).")
+                         f"shorten the prompt's text (mm_prompt) or the history.")
     log.warning("%s: %s=%d is past the model's %d positions (the prompt takes %d); generating at most %d tokens.",
                 what, input_name, max_new_tokens, positions, prompt_length, room)
     return room

@@ -122,8 +122,8 @@ def load_vlm(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     if family is not None:
         raise ModelFilesError(f"The model in {path} is a {family} captioner (model_type '{config.model_type}'), not a "
                               f"vision-language chat model: load it with MMIG BLIP-2 Loader (from "
-                              f"ComfyUI/models/blip2/) and caption with MMIG BLIP-2 Caption. This loader needs an "
-                              f"image-text-to-text model such as Idefics2. {source_hint}")
+                              f"ComfyUI/models/blip2/) and caption with MMIG BLIP-2 Caption, and pick another "
+                              f"model_name here: an image-text-to-text model such as Idefics2. {source_hint}")
     if getattr(config, "vision_config", None) is None:
         raise ModelFilesError(f"The model in {path} (model_type '{config.model_type}') has no vision tower: it "
                               f"cannot read images. Put an image-text-to-text model there, e.g. Idefics2. {source_hint}")
@@ -292,7 +292,7 @@ def _render(vlm: VLM, messages: list[dict]) -> str:
     if getattr(vlm.processor, "chat_template", None):
         try:
             return vlm.processor.apply_chat_template(messages, add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 - jinja's SecurityError/TemplateError: the file is at fault, not the input
+        except Exception as e:  # noqa: BLE001 - jinja's SecurityError/TemplateError: the file is at fault
             if not type(e).__module__.startswith("jinja2"):
                 raise
             folder = getattr(vlm.model.config, "_name_or_path", "") or "the VLM's folder"
