@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from .generation import cap_new_tokens, max_positions, raise_if_stopped, stopping_criteria, truncate_text_tokens
 from .model_files import ModelFilesError, from_pretrained_strict, require_hf_folder
 
 SOURCE_HINT = (
@@ -83,30 +84,47 @@ def _to_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
 def caption_images(captioner: Blip2Captioner, images: torch.Tensor, *, max_new_tokens: int = 30,
                    num_beams: int = 1, do_sample: bool = False, seed: int = 0, prompt: str = "",
                    on_image_done: Callable[[int], None] | None = None,
-                   check_interrupt: Callable[[], None] | None = None) -> list[str]:
+                   check_interrupt: Callable[[], None] | None = None,
+                   stop_requested: Callable[[], bool] | None = None) -> list[str]:
     """Caption each image of a ComfyUI IMAGE batch [B,H,W,C] (C = 1, 3 or 4); returns B strings.
 
     With `prompt` (e.g. "a photo of") each caption is that prefix and its continuation. With `do_sample`,
     image i is sampled with seed `seed + i`, so a run repeats exactly. `check_interrupt()` is called before
-    and `on_image_done(i)` after each image.
+    and `on_image_done(i)` after each image. `stop_requested()` is polled at every generated token: once it is
+    true generation ends and GenerationStopped is raised.
+
+    Lengths fit the language model's positions: a prompt longer than half of what the query tokens leave is
+    cut to that (logged, as the host's CLIP cuts a long prompt), and `max_new_tokens` is lowered to what is left
+    (logged) instead of indexing past the position table.
     """
     pixels = _to_rgb_uint8(images)
     model, processor = captioner.model, captioner.processor
     device, dtype = captioner.device, captioner.dtype
+    positions = max_positions(model.config)
     prompt = prompt.strip()
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=1, num_beams=num_beams, do_sample=do_sample)
+    if positions is not None:
+        budget = (positions - int(getattr(model.config, "num_query_tokens", 0) or 0) - 2) // 2
+        prompt = truncate_text_tokens(processor.tokenizer, prompt, budget, what="MMIG BLIP-2 Caption").strip()
+    criteria = stopping_criteria(stop_requested)
+    gen_kwargs = dict(min_new_tokens=1, num_beams=num_beams, do_sample=do_sample, stopping_criteria=criteria)
     captions = []
     for i in range(pixels.shape[0]):
         if check_interrupt is not None:
             check_interrupt()
         inputs = processor(images=[pixels[i].numpy()], text=[prompt], return_tensors="pt")
         input_ids = inputs["input_ids"].to(device)
+        # Query tokens are in input_ids when the config has an image token, prepended to the embeddings otherwise.
+        query = 0 if getattr(model.config, "image_token_index", None) else int(model.config.num_query_tokens)
+        new_tokens = cap_new_tokens(max_new_tokens, input_ids.shape[1] + query, positions,
+                                    what="MMIG BLIP-2 Caption")
         rng_devices = [device] if device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=rng_devices, enabled=do_sample):
             if do_sample:
                 torch.manual_seed((seed + i) % 2**64)
             out = model.generate(pixel_values=inputs["pixel_values"].to(device, dtype), input_ids=input_ids,
-                                 attention_mask=inputs["attention_mask"].to(device), **gen_kwargs)[0]
+                                 attention_mask=inputs["attention_mask"].to(device), max_new_tokens=new_tokens,
+                                 **gen_kwargs)[0]
+        raise_if_stopped(stop_requested)
         # transformers 5 returns prompt + continuation, older versions the continuation only.
         n = input_ids.shape[1]
         if out.shape[0] >= n and torch.equal(out[:n].cpu(), input_ids[0].cpu()):

@@ -9,12 +9,17 @@ pads its conditioning images with.
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
 import torch
 
 PLACEHOLDER = re.compile(r"<image(\d*)>")
+# The text a prompt keeps (about 1000 tokens): a caption-length prompt is far shorter, and a 60k-character one
+# took 11 s to encode. Longer text is cut with a log line, as the host's CLIP cuts what it cannot use.
+MAX_TEXT_CHARS = 4000
+log = logging.getLogger("ComfyUI-MMIG")
 
 
 class PromptError(ValueError):
@@ -126,4 +131,21 @@ def build_prompt(text: str, images: dict[int, torch.Tensor], masks: dict[int, to
         cursor = match.end()
     if cursor < len(text):
         segments.append(text[cursor:])
-    return MMPrompt(segments=tuple(segments), images=tuple(prepared))
+    return MMPrompt(segments=tuple(_truncate_text(segments)), images=tuple(prepared))
+
+
+def _truncate_text(segments: list) -> list:
+    """Segments whose text totals at most MAX_TEXT_CHARS; every image keeps its place (logged when cut)."""
+    total = sum(len(s) for s in segments if isinstance(s, str))
+    if total <= MAX_TEXT_CHARS:
+        return segments
+    log.warning("MMIG Multimodal Prompt: the text is %d characters long; keeping its first %d (images kept).",
+                total, MAX_TEXT_CHARS)
+    kept, left = [], MAX_TEXT_CHARS
+    for segment in segments:
+        if isinstance(segment, int):
+            kept.append(segment)
+        elif left > 0:
+            kept.append(segment[:left])
+            left -= len(kept[-1])
+    return kept

@@ -15,12 +15,15 @@ from typing import Any, Callable
 
 import torch
 
+from .generation import cap_new_tokens, max_positions, raise_if_stopped, stopping_criteria
 from .mm_prompt import MMPrompt
 from .model_files import ModelFilesError, from_pretrained_strict, require_hf_folder
 
 SOURCE_HINT = ("Idefics2 weights come from Hugging Face, e.g. HuggingFaceM4/idefics2-8b: `huggingface-cli download "
                "HuggingFaceM4/idefics2-8b --local-dir ComfyUI/models/vlm/idefics2-8b`.")
 MUMU_RESOLUTION = 448  # MUMU's ~1000 tokens per image: (448 / 14)^2 = 1024 patches
+# Image-to-text families that caption but do not chat: they have their own loader in the pack.
+CAPTIONER_FAMILIES = {"blip-2": "BLIP-2", "instructblip": "InstructBLIP", "blip": "BLIP"}
 
 
 @dataclass
@@ -115,6 +118,12 @@ def load_vlm(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     except Exception as e:  # noqa: BLE001 - every cause becomes an error naming the folder
         raise ModelFilesError(f"Could not read the config of the model in {path}: {type(e).__name__}: {e}. "
                               f"{source_hint}") from e
+    family = CAPTIONER_FAMILIES.get(getattr(config, "model_type", ""))
+    if family is not None:
+        raise ModelFilesError(f"The model in {path} is a {family} captioner (model_type '{config.model_type}'), not a "
+                              f"vision-language chat model: load it with MMIG BLIP-2 Loader (from "
+                              f"ComfyUI/models/blip2/) and caption with MMIG BLIP-2 Caption, and pick another "
+                              f"model_name here: an image-text-to-text model such as Idefics2. {source_hint}")
     if getattr(config, "vision_config", None) is None:
         raise ModelFilesError(f"The model in {path} (model_type '{config.model_type}') has no vision tower: it "
                               f"cannot read images. Put an image-text-to-text model there, e.g. Idefics2. {source_hint}")
@@ -173,7 +182,7 @@ def square_image(image: torch.Tensor):
 
 
 def _image_token(vlm: VLM) -> str:
-    return getattr(vlm.processor, "image_token", "<image>")
+    return str(getattr(vlm.processor, "image_token", None) or "<image>")  # some processors hold an AddedToken
 
 
 def prompt_text_and_images(vlm: VLM, prompt: MMPrompt) -> tuple[str, list]:
@@ -246,7 +255,8 @@ def pad_batch(states: list[torch.Tensor]) -> LLMEmbeds:
 
 
 def parse_history(history: str) -> list[tuple[str, str]]:
-    """"User: ...\\nAssistant: ..." text -> [(role, text)]; a line without a role continues the turn before."""
+    """"User: ...\\nAssistant: ..." text -> [(role, text)]; a line without a role continues the turn before, and
+    text before the first role is the user's turn (a pasted question without 'User:')."""
     turns: list[tuple[str, str]] = []
     for line in (history or "").splitlines():
         role = next((r for r in ("user", "assistant") if line.lower().startswith(r + ":")), None)
@@ -255,7 +265,7 @@ def parse_history(history: str) -> list[tuple[str, str]]:
         elif turns and line.strip():
             turns[-1] = (turns[-1][0], f"{turns[-1][1]}\n{line.strip()}")
         elif line.strip():
-            raise ValueError(f"the conversation history must start with 'User:' or 'Assistant:', got {line[:40]!r}")
+            turns.append(("user", line.strip()))
     return turns
 
 
@@ -280,7 +290,16 @@ def _text_message(role: str, text: str) -> dict:
 
 def _render(vlm: VLM, messages: list[dict]) -> str:
     if getattr(vlm.processor, "chat_template", None):
-        return vlm.processor.apply_chat_template(messages, add_generation_prompt=True)
+        try:
+            return vlm.processor.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - jinja's SecurityError/TemplateError: the file is at fault
+            if not type(e).__module__.startswith("jinja2"):
+                raise
+            folder = getattr(vlm.model.config, "_name_or_path", "") or "the VLM's folder"
+            raise ModelFilesError(f"The chat template of the model in {folder} (chat_template.jinja, or "
+                                  f"chat_template in tokenizer_config.json / processor_config.json) cannot be "
+                                  f"rendered: {type(e).__name__}: {e}. The sandbox refuses templates that call "
+                                  f"unsafe code; restore the template the model was released with.") from None
     token, parts = _image_token(vlm), []  # Idefics2's own chat format
     for m in messages:
         body = "".join(token if c["type"] == "image" else c["text"] for c in m["content"])
@@ -313,9 +332,14 @@ def chat_inputs(vlm: VLM, prompt: MMPrompt, history: str = "", suffix: str = "",
 
 
 @torch.no_grad()
-def _generate(vlm: VLM, inputs: dict, max_new_tokens: int) -> tuple[str, LLMEmbeds]:
+def _generate(vlm: VLM, inputs: dict, max_new_tokens: int,
+              stop_requested: Callable[[], bool] | None = None) -> tuple[str, LLMEmbeds]:
     prompt_length = inputs["input_ids"].shape[1]
-    out = vlm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    max_new_tokens = cap_new_tokens(max_new_tokens, prompt_length, max_positions(vlm.model.config),
+                                    what="MMIG MLLM Describe")
+    out = vlm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             stopping_criteria=stopping_criteria(stop_requested))
+    raise_if_stopped(stop_requested)
     response_ids = out[0, prompt_length:] if out.shape[1] > prompt_length else out[0, :0]
     response = vlm.processor.tokenizer.decode(response_ids, skip_special_tokens=True).strip()
     full = dict(inputs)
@@ -328,13 +352,16 @@ def _generate(vlm: VLM, inputs: dict, max_new_tokens: int) -> tuple[str, LLMEmbe
 
 
 def describe(vlm: VLM, prompt: MMPrompt, *, history: str = "", suffix: str = "", max_new_tokens: int = 200,
-             system: str = "", template: str = "") -> tuple[str, LLMEmbeds]:
+             system: str = "", template: str = "",
+             stop_requested: Callable[[], bool] | None = None) -> tuple[str, LLMEmbeds]:
     """z_d = f_mllm(x, w) (MMIG Eq. 1): greedy response to an image + instruction, and its hidden states.
 
-    The hidden states are the language model's last layer over the response tokens (e_llm).
+    The hidden states are the language model's last layer over the response tokens (e_llm). `max_new_tokens`
+    is lowered (logged) to the model's positions left after the prompt; `stop_requested()` is polled at each
+    generated token and, once true, ends generation with GenerationStopped.
     """
     return _generate(vlm, chat_inputs(vlm, prompt, history, suffix, system=system, template=template),
-                     max_new_tokens)
+                     max_new_tokens, stop_requested)
 
 
 def edit_instruction(prompt: MMPrompt) -> str:
@@ -361,12 +388,15 @@ def edit_messages(vlm: VLM, prompt: MMPrompt, first_turn: str, *, history: str =
 
 
 def describe_edit(vlm: VLM, prompt: MMPrompt, first_turn: str, *, history: str = "", suffix: str = "",
-                  max_new_tokens: int = 200, system: str = "") -> tuple[str, str, LLMEmbeds]:
+                  max_new_tokens: int = 200, system: str = "",
+                  stop_requested: Callable[[], bool] | None = None) -> tuple[str, str, LLMEmbeds]:
     """Instruction editing in two generated turns (`edit_messages`). Returns (first response, edited response,
     hidden states over the edited one)."""
     messages, images = edit_messages(vlm, prompt, first_turn, history=history, system=system)
-    first, _ = _generate(vlm, _processor_inputs(vlm, _render(vlm, messages), images), max_new_tokens)
+    first, _ = _generate(vlm, _processor_inputs(vlm, _render(vlm, messages), images), max_new_tokens,
+                         stop_requested)
     messages, images = edit_messages(vlm, prompt, first_turn, history=history, suffix=suffix, system=system,
                                      first_response=first)
-    second, embeds = _generate(vlm, _processor_inputs(vlm, _render(vlm, messages), images), max_new_tokens)
+    second, embeds = _generate(vlm, _processor_inputs(vlm, _render(vlm, messages), images), max_new_tokens,
+                               stop_requested)
     return first, second, embeds

@@ -6,6 +6,7 @@ comfy.model_patcher, comfy.utils) that both the pinned 2024-03 host and the newe
 from __future__ import annotations
 
 import os
+import posixpath
 
 import folder_paths
 
@@ -123,16 +124,53 @@ def throw_if_interrupted() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
 
 
+def interrupted() -> bool:
+    """Whether the user pressed Cancel (POST /interrupt), without clearing the flag: generation loops poll it
+    through a stopping criterion, then the node calls `throw_if_interrupted` to end the prompt as the host does."""
+    import comfy.model_management
+    return bool(comfy.model_management.processing_interrupted())
+
+
 def progress_bar(total: int):
     import comfy.utils
     return comfy.utils.ProgressBar(total)
 
 
+def safe_filename_prefix(filename_prefix: str) -> str:
+    """`filename_prefix` normalised as the host's Save Image reads it (subfolders allowed), or a ValueError.
+
+    The host itself refuses a folder outside the output folder; a prefix whose last part is '.', '..' or empty
+    (e.g. 'captions/..') would make every file the same hidden name, so it is refused here too.
+    """
+    prefix = (filename_prefix or "").replace("\\", "/")
+    normal = posixpath.normpath(prefix) if prefix else ""
+    name = posixpath.basename(normal)
+    if (not prefix or os.path.isabs(prefix) or os.path.splitdrive(prefix)[0] or name in ("", ".", "..")
+            or normal == ".." or normal.startswith("../") or prefix.endswith("/")):
+        raise ValueError(f"filename_prefix {filename_prefix!r} must name a file inside the output folder, e.g. "
+                         f"'captions/caption' (a relative path ending in a file name, without '..').")
+    return normal
+
+
 def save_text_file(text: str, filename_prefix: str) -> dict:
-    """Write text to the output folder with the host's numbering; returns the UI file entry."""
+    """Write text to the output folder with the host's numbering; returns the UI file entry.
+
+    Never overwrites: each file is created exclusively, and a name taken meanwhile moves to the next counter.
+    """
+    prefix = safe_filename_prefix(filename_prefix)
     output_dir = folder_paths.get_output_directory()
-    full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
-    name = f"{filename}_{counter:05}_.txt"
-    with open(os.path.join(full_folder, name), "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    return {"filename": name, "subfolder": subfolder, "type": "output"}
+    try:
+        full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, output_dir)
+    except Exception as e:  # noqa: BLE001 - the host raises a bare Exception for a folder outside the output
+        raise ValueError(f"filename_prefix {filename_prefix!r} points outside the output folder {output_dir}: "
+                         f"use a relative path such as 'captions/caption'.") from e
+    for _ in range(100000):
+        name = f"{filename}_{counter:05}_.txt"
+        try:
+            with open(os.path.join(full_folder, name), "x", encoding="utf-8") as f:
+                f.write(text + "\n")
+        except FileExistsError:
+            counter += 1
+            continue
+        return {"filename": name, "subfolder": subfolder, "type": "output"}
+    raise ValueError(f"filename_prefix {filename_prefix!r}: no free file name in {full_folder}; choose a new prefix.")

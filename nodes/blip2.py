@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from . import _host
 from ..mmig_core import blip2 as core
+from ..mmig_core.generation import GenerationStopped
 from ..mmig_core.model_files import ModelFilesError
 
 BLIP2_SOURCE = ("BLIP-2 weights come from Hugging Face, e.g. Salesforce/blip2-opt-2.7b: "
@@ -75,7 +76,8 @@ class MMIG_BLIP2Caption:
                 "blip2": ("MMIG_BLIP2", {"tooltip": "From MMIG BLIP-2 Loader."}),
                 "images": ("IMAGE", {"tooltip": "The images to caption; each image of the batch gets its own caption."}),
                 "max_new_tokens": ("INT", {"default": 30, "min": 1, "max": 512,
-                                           "tooltip": "The longest caption, in tokens."}),
+                                           "tooltip": "The longest caption, in tokens; lowered (with a log line) "
+                                                      "to what the model's positions leave after the prompt."}),
                 "num_beams": ("INT", {"default": 3, "min": 1, "max": 16,
                                       "tooltip": "Beam search width; 1 is greedy decoding. Ignored when sampling."}),
                 "sampling": ("BOOLEAN", {"default": False,
@@ -86,7 +88,9 @@ class MMIG_BLIP2Caption:
             },
             "optional": {
                 "prompt": ("STRING", {"default": "", "multiline": False,
-                                      "tooltip": "Optional prefix the caption continues, e.g. 'a photo of'."}),
+                                      "tooltip": "Optional prefix the caption continues, e.g. 'a photo of'. A "
+                                                 "prefix past half the model's positions is cut (with a log "
+                                                 "line), as CLIP Text Encode cuts a long prompt."}),
                 "filename_prefix": ("STRING", {"default": "",
                                                "tooltip": "If set, the captions are also saved to the output folder "
                                                           "as <prefix>_00001_.txt (subfolders allowed, as in Save Image)."}),
@@ -99,10 +103,14 @@ class MMIG_BLIP2Caption:
                              "least one image (e.g. VAE Decode or Load Image).")
         _host.load_to_device(blip2.patcher)
         progress = _host.progress_bar(images.shape[0])
-        captions = core.caption_images(
-            blip2.captioner, images, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=sampling,
-            seed=seed, prompt=prompt, on_image_done=lambda _i: progress.update(1),
-            check_interrupt=_host.throw_if_interrupted)
+        try:
+            captions = core.caption_images(
+                blip2.captioner, images, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=sampling,
+                seed=seed, prompt=prompt, on_image_done=lambda _i: progress.update(1),
+                check_interrupt=_host.throw_if_interrupted, stop_requested=_host.interrupted)
+        except GenerationStopped:
+            _host.throw_if_interrupted()  # the host's own interruption, so the prompt ends as interrupted
+            raise
         text = "\n".join(captions)
         ui = {"text": captions}
         if filename_prefix:

@@ -102,7 +102,8 @@ class MMIG_DiffRIRRestore:
                                                   "(output·M + reference·(1 − M)), so kept pixels stay exact."}),
             "tile_size": ("INT", {"default": 512, "min": 0, "max": 8192, "step": 32,
                                   "tooltip": "Tile side in pixels; larger is a little more faithful and needs more "
-                                             "memory. 0 processes each image whole."}),
+                                             "memory. 0 processes each image whole; otherwise at least 32 (the "
+                                             "network's padding multiple), smaller is an error."}),
             "tile_overlap": ("INT", {"default": 64, "min": 0, "max": 1024, "step": 8,
                                      "tooltip": "Pixels shared by neighbouring tiles, blended to hide tile seams "
                                                 "(at most half the tile size)."}),

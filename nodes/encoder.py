@@ -9,6 +9,7 @@ import folder_paths
 from . import _host
 from ._loaded import LoadedAdapter, LoadedVLM, adapter_files
 from ..mmig_core import llmga_tags, mm_prompt as prompts, vlm as core
+from ..mmig_core.generation import GenerationStopped
 from ..mmig_core.mm_adapter import FORMAT as MM_ADAPTER_FORMAT
 from ..mmig_core.model_files import ModelFilesError
 from ..mmig_core.mumu_adapter import FORMAT as MUMU_ADAPTER_FORMAT
@@ -244,12 +245,15 @@ class MMIG_MLLMDescribe:
                     "tooltip": "LLMGA mode, when the response has no complete tag pair: use the whole response "
                                "(with a warning) or stop with an error."}),
                 "max_new_tokens": ("INT", {"default": 200, "min": 1, "max": 2048,
-                                           "tooltip": "The longest response, in tokens (greedy decoding)."}),
+                                           "tooltip": "The longest response, in tokens (greedy decoding); lowered "
+                                                      "(with a log line) to the model's positions left after the "
+                                                      "prompt."}),
             },
             "optional": {
                 "history": ("STRING", {"multiline": True, "default": "",
                                        "tooltip": "Earlier turns of the conversation, one per line starting with "
-                                                  "'User:' or 'Assistant:'."}),
+                                                  "'User:' or 'Assistant:' (text before the first of them is read "
+                                                  "as a user turn)."}),
                 "filename_prefix": ("STRING", {"default": "",
                                                "tooltip": "If set, the description is saved to the output folder as "
                                                           "<prefix>_00001_.txt (subfolders allowed)."}),
@@ -284,17 +288,22 @@ class MMIG_MLLMDescribe:
         _host.load_to_device(vlm.patcher)
         _host.throw_if_interrupted()
         progress = _host.progress_bar(2 if task == "edit" else 1)
-        if task == "edit":
-            first, response, embeds = core.describe_edit(
-                vlm.vlm, mm_prompt[0], llmga_tags.EDIT_FIRST_TURN, history=history, suffix=suffix,
-                max_new_tokens=max_new_tokens, system=system)
-            exchange = (f"User: {llmga_tags.EDIT_FIRST_TURN}\nAssistant: {first}\n"
-                        f"User: {core.edit_instruction(mm_prompt[0])}\nAssistant: {response}")
-        else:
-            response, embeds = core.describe(vlm.vlm, mm_prompt[0], history=history, max_new_tokens=max_new_tokens,
-                                             suffix=suffix, system=system,
-                                             template=llmga_tags.TASK_TEMPLATES.get(task, ""))
-            exchange = response
+        try:
+            if task == "edit":
+                first, response, embeds = core.describe_edit(
+                    vlm.vlm, mm_prompt[0], llmga_tags.EDIT_FIRST_TURN, history=history, suffix=suffix,
+                    max_new_tokens=max_new_tokens, system=system, stop_requested=_host.interrupted)
+                exchange = (f"User: {llmga_tags.EDIT_FIRST_TURN}\nAssistant: {first}\n"
+                            f"User: {core.edit_instruction(mm_prompt[0])}\nAssistant: {response}")
+            else:
+                response, embeds = core.describe(vlm.vlm, mm_prompt[0], history=history,
+                                                 max_new_tokens=max_new_tokens, suffix=suffix, system=system,
+                                                 template=llmga_tags.TASK_TEMPLATES.get(task, ""),
+                                                 stop_requested=_host.interrupted)
+                exchange = response
+        except GenerationStopped:
+            _host.throw_if_interrupted()  # the host's own interruption, so the prompt ends as interrupted
+            raise
         progress.update(2 if task == "edit" else 1)
         description = response
         if llmga:

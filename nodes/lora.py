@@ -130,6 +130,14 @@ def bundle_names() -> list[str]:
 
 
 def find_bundle(name: str) -> str | None:
+    """The bundle folder `name` (one folder directly in a models/mmig/ path, as `bundle_names` lists them).
+
+    An absolute path, a '..' or a nested path is refused: a graph must not load a bundle from outside the
+    model folders (e.g. one uploaded to input/). A symlinked folder inside models/mmig/ still loads.
+    """
+    if not isinstance(name, str) or not name or os.path.isabs(name) or os.path.splitdrive(name)[0] \
+            or "/" in name or "\\" in name or name in (".", ".."):
+        return None
     for root in _host.model_search_paths("mmig"):
         if mumu_bundle.is_bundle(os.path.join(root, name)):
             return os.path.join(root, name)
@@ -194,8 +202,9 @@ class MMIG_MUMULoader:
     @classmethod
     def VALIDATE_INPUTS(cls, bundle_name):
         if find_bundle(bundle_name) is None:
-            return (f"MUMU bundle {bundle_name!r} not found: a folder with {mumu_bundle.MANIFEST} in "
-                    f"{', '.join(_host.model_search_paths('mmig'))}, as the pack's MUMU training writes it.")
+            return (f"MUMU bundle {bundle_name!r} not found: bundle_name must be the name of a folder with "
+                    f"{mumu_bundle.MANIFEST} directly in {', '.join(_host.model_search_paths('mmig'))} (no path, "
+                    f"no '..'), as the pack's MUMU training writes it.")
         return True
 
     def load(self, bundle_name, model, vlm, unet_strength, vlm_strength, dtype, min_matched_fraction=1.0):

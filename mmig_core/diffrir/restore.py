@@ -77,6 +77,16 @@ def check_inputs(generated: torch.Tensor, reference: torch.Tensor, mask: torch.T
     return generated, reference.expand(batch, -1, -1, -1), mask.expand(batch, -1, -1)
 
 
+def check_tile_size(model: DiffRIR, tile: int) -> None:
+    """Refuse tiles below the network's padding multiple: each tile is padded up to it anyway, so a smaller one
+    costs as much and covers less (tile_size 1 meant thousands of tiles, minutes for a 64 px image)."""
+    minimum = model.config.multiple
+    if tile < 0 or 0 < tile < minimum:
+        raise DiffRIRInputError(f"tile_size {tile} is below DiffRIR's working minimum of {minimum} px (the network "
+                                f"pads every tile to a multiple of {minimum}): set tile_size to 0 (the whole image "
+                                f"at once) or to {minimum} or more, e.g. 512.")
+
+
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     """Evenly spread tile starts covering [0, length) with at least `overlap` between neighbours."""
     if tile <= 0 or length <= tile:
@@ -224,6 +234,7 @@ def restore_images(model: DiffRIR, generated: torch.Tensor, reference: torch.Ten
     soft_mask=False (the official script) binarises the mask at 0.5; True uses its values as they are,
     for the network's input and for the paste-back blend (the pack's own option, not DiffRIR's).
     """
+    check_tile_size(model, tile)
     generated, reference, mask = check_inputs(generated, reference, mask)
     if not soft_mask:
         mask = binarize_mask(mask)

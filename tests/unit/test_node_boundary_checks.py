@@ -124,7 +124,7 @@ def test_every_pack_node_validates_each_of_its_float_inputs():
         tiny_sdxl.import_host()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    from devtools.paths import pack_module
+    from devtools.pack import import_pack_module as pack_module
     nodes = pack_module("nodes")
     seen = 0
     for node_id, node_class in nodes.NODE_CLASS_MAPPINGS.items():

@@ -81,8 +81,8 @@ def test_describe_is_deterministic_with_history(vlms):
     again, _ = describe(vlms[False], prompt, history="User: hi\nAssistant: hello", max_new_tokens=6)
     assert response == again and embeds.hidden_states.shape[-1] == vlms[False].hidden_size
     assert parse_history("User: a\nmore\nAssistant: b") == [("user", "a\nmore"), ("assistant", "b")]
-    with pytest.raises(ValueError, match="must start with"):
-        parse_history("hello")
+    # text before the first role is the user's turn (issue 15), not an error
+    assert parse_history("hello\nAssistant: b") == [("user", "hello"), ("assistant", "b")]
 
 
 def test_llmga_system_prompt_and_task_templates_reach_the_model(vlms):

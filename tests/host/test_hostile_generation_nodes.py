@@ -1,0 +1,210 @@
+"""Hostile inputs to the generating nodes and the files the pack reads and writes, in a real ComfyUI server
+(issue 15, items 5, 7, 8, 9 and "hang and crash"): each case checks the words of the message the user sees,
+and that a valid graph still runs after it."""
+import itertools
+import shutil
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from devtools.tiny_models import TINY_BLIP2, TINY_DIFFRIR, TINY_IDEFICS2, TINY_MUMU_BUNDLE, TINY_SDXL
+
+pytestmark = pytest.mark.host
+BLIP2, VLM, DIFFRIR = (t.split("/")[-1] for t in (TINY_BLIP2, TINY_IDEFICS2, TINY_DIFFRIR))
+COLORS = itertools.count(0x102030, 7)  # a new image per graph: the host would serve a repeated graph from its cache
+
+
+def image(width=40, height=32):
+    return {"class_type": "EmptyImage", "inputs": {"width": width, "height": height, "batch_size": 1,
+                                                   "color": next(COLORS)}}
+
+
+def caption_graph(max_new_tokens=8, prompt="", prefix=""):
+    return {
+        "1": image(),
+        "2": {"class_type": "MMIG_BLIP2Loader", "inputs": {"model_name": BLIP2, "dtype": "auto"}},
+        "3": {"class_type": "MMIG_BLIP2Caption", "inputs": {
+            "blip2": ["2", 0], "images": ["1", 0], "max_new_tokens": max_new_tokens, "num_beams": 2,
+            "sampling": False, "seed": 0, "prompt": prompt, "filename_prefix": prefix}},
+    }
+
+
+def describe_graph(vlm=VLM, max_new_tokens=6, history="User: hello\nAssistant: hi", prefix="", text="<image1> what?"):
+    return {
+        "1": image(),
+        "2": {"class_type": "MMIG_MultimodalPrompt", "inputs": {"text": text, "image1": ["1", 0]}},
+        "3": {"class_type": "MMIG_VLMLoader", "inputs": {"model_name": vlm, "dtype": "auto", "drop_perceiver": False,
+                                                         "image_resolution": 0}},
+        "4": {"class_type": "MMIG_MLLMDescribe", "inputs": {
+            "vlm": ["3", 0], "mm_prompt": ["2", 0], "mode": "describe", "when_tags_missing": "use whole response",
+            "max_new_tokens": max_new_tokens, "history": history, "filename_prefix": prefix}},
+    }
+
+
+def interrupt(host):
+    """POST /interrupt, as the UI's Cancel button does (the host answers with an empty body)."""
+    request = urllib.request.Request(host.url + "/interrupt", data=b"{}", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+
+
+def still_serves(host):
+    result = host.run_graph(caption_graph())
+    assert result.ok, result.error
+    assert result.outputs["3"]["text"][0].strip()
+
+
+# --- item 8: /interrupt during a long describe ------------------------------------------------------------------
+
+def interrupt_while_running(host, graph, what, after=1.5):
+    """Run `graph`, POST /interrupt `after` s into it; returns (result, seconds from the POST to the end)."""
+    outcome = {}
+
+    def run():
+        outcome["result"] = host.run_graph(graph, timeout=300)
+        outcome["done"] = time.monotonic()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not host.get("/queue")["queue_running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(after)
+    assert worker.is_alive(), f"the {what} finished before it could be interrupted: {outcome}"
+    posted = time.monotonic()
+    interrupt(host)
+    worker.join(timeout=60)
+    seconds = outcome["done"] - posted
+    print(f"{what} interrupted: the prompt ended {seconds:.2f} s after POST /interrupt")
+    return outcome["result"], seconds
+
+
+def test_interrupt_during_describe_ends_the_prompt_within_two_seconds_and_the_next_graph_runs(host):
+    host.run_graph(describe_graph(max_new_tokens=2)).check()  # the VLM loader's output is now cached
+    graph = describe_graph(max_new_tokens=2048)
+    # This image and history make the tiny model write all 2048 tokens (about 40 s on a CPU): it never ends early.
+    graph["1"]["inputs"]["color"] = 0x778899
+    result, seconds = interrupt_while_running(host, graph, "describe")
+    assert not result.ok and "interrupted" in result.error, result.error
+    assert seconds < 2.0, f"the prompt ended {seconds:.2f} s after /interrupt"
+    still_serves(host)
+
+
+def test_interrupt_during_a_blip2_batch_ends_the_prompt_within_two_seconds(host):
+    host.run_graph(caption_graph()).check()  # the loader's output is now cached
+    graph = caption_graph(max_new_tokens=512)  # each caption runs to the tiny model's 128 positions
+    graph["1"]["inputs"]["batch_size"] = 256
+    result, seconds = interrupt_while_running(host, graph, "BLIP-2 batch")
+    assert not result.ok and "interrupted" in result.error, result.error
+    assert seconds < 2.0, f"the prompt ended {seconds:.2f} s after /interrupt"
+    still_serves(host)
+
+
+# --- item 9 and hang and crash: lengths, prompts, tiles, histories, wrong folders -------------------------------
+
+def test_blip2_max_new_tokens_past_the_positions_and_a_ten_thousand_character_prompt_caption(host):
+    result = host.run_graph(caption_graph(max_new_tokens=512))  # the tiny model has 128 positions
+    assert result.ok, result.error
+    started = time.monotonic()
+    result = host.run_graph(caption_graph(prompt="a photo of a red house " * 435))
+    assert result.ok, result.error
+    assert time.monotonic() - started < 10
+    assert result.outputs["3"]["text"][0].startswith("a photo of a red house")
+    assert "keeping its first" in host.log() and "past the model's 128 positions" in host.log()
+
+
+def test_describe_reads_a_history_without_user_first(host):
+    result = host.run_graph(describe_graph(history="tell me about the picture\nAssistant: sure"))
+    assert result.ok, result.error
+
+
+def test_sixty_thousand_character_mumu_prompt_is_cut(host):
+    started = time.monotonic()
+    result = host.run_graph(describe_graph(text="<image1> " + "a man and his dog " * 3334))
+    assert result.ok, result.error
+    assert time.monotonic() - started < 10
+    assert "characters long; keeping its first 4000" in host.log()
+
+
+def test_blip2_folder_in_the_vlm_loader_names_the_family_and_the_blip2_loader(host, tiny_models):
+    target = host.scratch_models / "vlm" / "blip2-in-vlm-folder"
+    if not target.exists():
+        shutil.copytree(tiny_models / TINY_BLIP2, target)
+    result = host.run_graph(describe_graph(vlm="blip2-in-vlm-folder"))
+    assert not result.ok
+    assert "BLIP-2 captioner" in result.error and "MMIG BLIP-2 Loader" in result.error, result.error
+    assert "TypeError" not in result.error
+    still_serves(host)
+
+
+def test_chat_template_the_sandbox_refuses_names_the_folder_and_the_template(host, tiny_models):
+    target = host.scratch_models / "vlm" / "unsafe-template-vlm"
+    if not target.exists():
+        shutil.copytree(tiny_models / TINY_IDEFICS2, target)
+        (target / "chat_template.jinja").write_text("{{ cycler.__init__.__globals__.os.system('echo pwned') }}")
+    result = host.run_graph(describe_graph(vlm="unsafe-template-vlm"))
+    assert not result.ok
+    assert "unsafe-template-vlm" in result.error and "chat_template" in result.error, result.error
+    assert "SecurityError" in result.error and "cannot be rendered" in result.error
+    still_serves(host)
+
+
+def test_diffrir_tile_size_one_is_refused_at_once(host):
+    graph = {
+        "1": image(64, 64), "2": image(64, 64),
+        "3": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 64}},
+        "4": {"class_type": "MMIG_DiffRIRLoader", "inputs": {"model_name": DIFFRIR, "dtype": "auto"}},
+        "5": {"class_type": "MMIG_DiffRIRRestore", "inputs": {
+            "diffrir": ["4", 0], "image": ["1", 0], "reference": ["2", 0], "mask": ["3", 0], "paste_back": True,
+            "tile_size": 1, "tile_overlap": 0, "seed": 0}},
+        "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}},
+    }
+    started = time.monotonic()
+    result = host.run_graph(graph, timeout=60)
+    assert not result.ok and "tile_size 1 is below DiffRIR's working minimum" in result.error, result.error
+    assert time.monotonic() - started < 10
+    still_serves(host)
+
+
+# --- item 7: text files never overwrite; escaping prefixes are refused ------------------------------------------
+
+def test_caption_files_with_the_same_prefix_never_overwrite(host):
+    first = host.run_graph(caption_graph(prefix="hostile/same")).check()
+    second = host.run_graph(caption_graph(prefix="hostile/same")).check()
+    [a], [b] = host.output_files(first), host.output_files(second)
+    assert a != b and a.exists() and b.exists()
+    assert a.read_text().strip() == first.outputs["3"]["text"][0]
+
+
+@pytest.mark.parametrize("prefix", ["hostile/..", "..", "../outside", "/tmp/mmig-hostile"])
+def test_prefixes_escaping_the_output_folder_are_refused(host, prefix):
+    result = host.run_graph(describe_graph(prefix=prefix))
+    assert not result.ok and f"filename_prefix {prefix!r}" in result.error, result.error
+    result = host.run_graph(caption_graph(prefix=prefix))
+    assert not result.ok and f"filename_prefix {prefix!r}" in result.error, result.error
+    still_serves(host)
+
+
+# --- item 5: bundle names stay inside models/mmig/ --------------------------------------------------------------
+
+@pytest.mark.parametrize("make_name", [
+    lambda host: str(host.scratch_models / "uploads" / "bundle"),  # an absolute path
+    lambda host: "../../input/bundle",
+    lambda host: f"../mmig/{TINY_MUMU_BUNDLE.split('/')[-1]}",
+])
+def test_bundle_names_outside_models_mmig_are_refused(host, tiny_models, make_name):
+    uploads = host.scratch_models / "uploads" / "bundle"
+    if not uploads.exists():
+        shutil.copytree(tiny_models / TINY_MUMU_BUNDLE, uploads)
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TINY_SDXL.split("/")[-1]}},
+        "v": describe_graph()["3"],
+        "m": {"class_type": "MMIG_MUMULoader", "inputs": {
+            "bundle_name": make_name(host), "model": ["1", 0], "vlm": ["v", 0], "unet_strength": 1.0,
+            "vlm_strength": 1.0, "dtype": "auto"}},
+    }
+    result = host.run_graph(graph)
+    assert not result.ok and "bundle_name must be the name of a folder" in result.error, result.error
+    still_serves(host)
