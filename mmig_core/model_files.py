@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
+
+# The most parameters a config read from a file's metadata may imply (80 GB in float32): a config asking for
+# more is refused before anything is allocated, rather than failing inside torch or exhausting the machine.
+MAX_PARAMETERS = 20_000_000_000
 
 
 class ModelFilesError(RuntimeError):
@@ -74,6 +79,7 @@ def from_pretrained_strict(model_class, path: str | os.PathLike, dtype):
         missing = sorted(info["missing_keys"])
         raise ValueError(f"the safetensors weights lack {len(missing)} tensors of config.json's model "
                          f"(e.g. {', '.join(missing[:3])}); the files may be from another model or incomplete")
+    check_tensors(dict(model.named_parameters()), f"the weights in {path}")
     return model
 
 
@@ -121,7 +127,7 @@ def load_weights_exactly(module, path: str | os.PathLike):
     """Load a safetensors file into `module`: every tensor present, none extra, every shape right, or an
     error naming them (the file does not belong to the config it was built from)."""
     from safetensors.torch import load_file
-    state = load_file(str(path))
+    state = check_tensors(load_file(str(path)), path)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -131,3 +137,74 @@ def load_weights_exactly(module, path: str | os.PathLike):
                               f"{missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]})")
     module.load_state_dict(state)
     return module
+
+
+def _all_finite(tensor) -> bool:
+    """True when no element is NaN or +-Inf. A sum is one read of the tensor with no temporary the size of it;
+    a non-finite sum (a bad value, or an overflow of large finite ones) is settled by the exact element check."""
+    import torch
+    if tensor.numel() == 0:
+        return True
+    if tensor.element_size() == 1:  # float8: no sum kernel; the upcast keeps NaN/Inf
+        tensor = tensor.to(torch.float16)
+    total = tensor.sum(dtype=torch.float32) if tensor.element_size() == 2 else tensor.sum()
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
+
+
+def check_tensors(state: dict, source, *, integer_scalars: tuple[str, ...] = ()) -> dict:
+    """Return `state` after checking that every tensor is floating point and finite; else a ModelFilesError
+    naming `source` (the file) and the first bad tensor. Keys ending in one of `integer_scalars` may be
+    one-element integer tensors (a LoRA's `alpha`, which some tools store as an int)."""
+    import torch
+    for name, tensor in state.items():
+        if not torch.is_tensor(tensor):
+            raise ModelFilesError(f"{source}: entry {name!r} is a {type(tensor).__name__}, not a tensor")
+        if not tensor.is_floating_point():
+            if integer_scalars and name.endswith(integer_scalars) and tensor.numel() == 1 \
+                    and not tensor.is_complex() and tensor.dtype != torch.bool:
+                continue
+            raise ModelFilesError(
+                f"{source}: tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, but model weights "
+                f"are floating point (float32, float16, bfloat16): the file is not a weights file of this kind or "
+                f"was written wrongly; re-export it with floating-point weights")
+        if not _all_finite(tensor):
+            values = tensor.to(torch.float16) if tensor.element_size() == 1 else tensor
+            nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+            raise ModelFilesError(
+                f"{source}: tensor {name!r} holds {nan} NaN and {inf} Inf values (of {tensor.numel()}); the weights "
+                f"are corrupt (a diverged training run or a bad conversion) and would give NaN images: use another "
+                f"file or an earlier checkpoint")
+    return state
+
+
+def check_config_numbers(what: str, config, *, positive: tuple = (), divisible: tuple = (),
+                         finite_positive: tuple = (), finite: tuple = ()) -> None:
+    """ValueError naming the field and value of `config` (a dataclass) that is not usable: `positive` fields
+    are integers >= 1 (a tuple field: each item), `divisible` holds (width field, heads field) pairs,
+    `finite_positive` / `finite` are real numbers (> 0 / any)."""
+    def items(name):
+        value = getattr(config, name)
+        return [(f"{name}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, (tuple, list)) else [(name, value)]
+
+    for name in positive:
+        for label, value in items(name):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{what} config: {label} must be a positive integer, got {value!r}")
+    for name in finite_positive + finite:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (name in finite_positive and value <= 0):
+            kind = "a finite number > 0" if name in finite_positive else "a finite number"
+            raise ValueError(f"{what} config: {name} must be {kind}, got {value!r}")
+    for width, heads in divisible:
+        if getattr(config, width) % getattr(config, heads):
+            raise ValueError(f"{what} config: {width} {getattr(config, width)} is not divisible by {heads} "
+                             f"{getattr(config, heads)}")
+
+
+def check_parameter_count(what: str, count: int, config) -> None:
+    """ValueError when a config implies more than MAX_PARAMETERS parameters (computed, not allocated)."""
+    if count > MAX_PARAMETERS:
+        from dataclasses import asdict
+        raise ValueError(f"{what} config implies {count / 1e9:.1f} B parameters ({4 * count / 1e9:.0f} GB in "
+                         f"float32), above the pack's limit of {MAX_PARAMETERS / 1e9:.0f} B; its sizes: {asdict(config)}")
