@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..model_files import ModelFilesError, check_safetensors_file, check_tensors, save_safetensors_atomic
+from ..model_files import (ModelFilesError, check_safetensors_file, check_safetensors_values, check_tensors,
+                           save_safetensors_atomic)
 from .config import DiffRIRConfig
 from .network import DiffRIR
 
@@ -233,7 +234,8 @@ def load_diffrir(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32)
     else:
         from safetensors.torch import load_file
         metadata = check_safetensors_file(path)
-        state = check_tensors(load_file(str(path)), path)
+        check_safetensors_values(path)
+        state = load_file(str(path))
     if CONFIG_KEY in metadata:
         try:
             config = DiffRIRConfig.from_json(metadata[CONFIG_KEY])

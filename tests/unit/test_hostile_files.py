@@ -135,10 +135,45 @@ def test_the_fast_finiteness_check_is_exact():
         t[-1] = float("nan")
         with pytest.raises(ModelFilesError, match="'x' holds 1 NaN and 0 Inf"):
             check_tensors({"ok": torch.ones(3), "x": t}, "f")
+    # Every non-finite bit pattern of the 2-byte floats is found, anywhere in a tensor, and no finite one is.
+    for dtype in (torch.float16, torch.bfloat16):
+        every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+        finite = torch.isfinite(every.float())
+        check_tensors({"finite": every[finite]}, "f")
+        for bad in every[~finite][::7]:
+            spoiled = torch.zeros(3000, dtype=dtype)
+            spoiled[int(bad.view(torch.int16)) % 3000] = bad
+            with pytest.raises(ModelFilesError, match="'x' holds"):
+                check_tensors({"x": spoiled}, "f")
     if hasattr(torch, "float8_e4m3fn"):
         check_tensors({"f8": torch.ones(8).to(torch.float8_e4m3fn)}, "f")
         with pytest.raises(ModelFilesError, match="'f8' holds"):
             check_tensors({"f8": torch.tensor([1.0, float("nan")]).to(torch.float8_e4m3fn)}, "f")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+                         + [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)])
+def test_the_file_level_check_counts_every_non_finite_value_in_place(tmp_path, dtype):
+    from mmig_core.model_files import check_safetensors_values
+    width = torch.tensor([], dtype=dtype).element_size() * 8
+    patterns = (torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32) if width >= 16 else
+                torch.arange(-128, 128, dtype=torch.int32))
+    if width == 16:
+        every = patterns.to(torch.int16).view(dtype)
+    elif width == 8:
+        every = patterns.to(torch.int8).view(dtype)
+    else:  # a spread of bit patterns, the specials included
+        every = torch.cat([torch.randn(5000, dtype=dtype), torch.tensor([float("nan"), float("inf"), -float("inf"),
+                                                                        -0.0, 1e-310 if width == 64 else 1e-40])])
+    finite = torch.isfinite(every.float())
+    good = {"a": every[finite].clone(), "b": torch.ones(3, dtype=dtype)}
+    save_file(good, str(tmp_path / "good.safetensors"))
+    check_safetensors_values(tmp_path / "good.safetensors")
+    values = every.float()
+    nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+    save_file({**good, "c": every.clone(), "d": torch.zeros(2, dtype=dtype)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ModelFilesError, match=f"tensor 'c' holds {nan} NaN and {inf} Inf values"):
+        check_safetensors_values(tmp_path / "bad.safetensors")
 
 
 def test_the_strict_from_pretrained_refuses_nan_weights(tmp_path):
