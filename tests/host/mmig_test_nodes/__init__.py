@@ -85,3 +85,28 @@ class MMIGTest_WeightValues:
 
 
 NODE_CLASS_MAPPINGS["MMIGTest_WeightValues"] = MMIGTest_WeightValues
+
+
+class MMIGTest_NonFinite:
+    """Non-finite values no widget gives: the image with one pixel set to `value` ("nan", "inf", "-inf"), a mask
+    of ones with one such value, the number itself (for a linked FLOAT input) and a latent like the image's."""
+    CATEGORY = "MMIG/testing"
+    RETURN_TYPES = ("IMAGE", "MASK", "FLOAT", "LATENT")
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), "value": ("STRING", {"default": "nan"})}}
+
+    def make(self, image, value):
+        number = float(value)
+        bad_image = image.clone()
+        bad_image[0, 0, 0, 0] = number
+        mask = torch.ones(image.shape[:3])
+        mask[0, 0, 0] = number
+        latent = torch.zeros(image.shape[0], 4, image.shape[1] // 8, image.shape[2] // 8)
+        latent[0, 0, 0, 0] = number
+        return (bad_image, mask, number, {"samples": latent})
+
+
+NODE_CLASS_MAPPINGS["MMIGTest_NonFinite"] = MMIGTest_NonFinite
