@@ -48,7 +48,11 @@ def require_hf_folder(folder: str | os.PathLike, *, kind: str, searched: list[st
 
 def check_safetensors_file(path: str | os.PathLike) -> dict:
     """Validate a safetensors header without reading tensors; returns the header's metadata."""
-    path = Path(path)
+    return _read_header(Path(path))[1].get("__metadata__", {}) or {}
+
+
+def _read_header(path: Path) -> tuple[int, dict]:
+    """(header length, header) of a safetensors file, checked against the file's size."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -63,7 +67,7 @@ def check_safetensors_file(path: str | os.PathLike) -> dict:
         raise ModelFilesError(
             f"{path} is not a valid safetensors file ({e}). The file may be corrupt or incompletely "
             f"downloaded, or be a pickle renamed to .safetensors; download it again.") from None
-    return header.get("__metadata__", {}) or {}
+    return header_len, header
 
 
 def from_pretrained_strict(model_class, path: str | os.PathLike, dtype):
@@ -201,16 +205,16 @@ _SAFETENSORS_NAMES = {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int
                       "U32": "uint32", "U64": "uint64", "BOOL": "bool"}
 
 
-def check_safetensors_values(path: str | os.PathLike, *, integer_scalars: tuple[str, ...] = ()) -> None:
-    """The file-level check_tensors of a safetensors file: every tensor floating point and finite, else a
-    ModelFilesError naming the file and the first bad tensor. It reads the file's bytes once, in place (a memory
-    map), one pass per run of same-dtype tensors, so it costs a fraction of reading the file into tensors."""
+def check_safetensors_values(path: str | os.PathLike, *, integer_scalars: tuple[str, ...] = ()) -> dict:
+    """The file-level check_tensors of a safetensors file (its header validated too): every tensor floating point
+    and finite, else a ModelFilesError naming the file and the first bad tensor; returns the metadata. It reads
+    the file's bytes once, in place (a memory map), one pass per run of same-dtype tensors."""
+    import mmap
+
     import numpy as np
     path = Path(path)
-    check_safetensors_file(path)
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
+    header_len, header = _read_header(path)
+    metadata = header.get("__metadata__", {}) or {}
     entries = sorted(((name, entry) for name, entry in header.items() if name != "__metadata__"),
                      key=lambda item: item[1]["data_offsets"][0])
     for name, entry in entries:
@@ -221,8 +225,12 @@ def check_safetensors_values(path: str | os.PathLike, *, integer_scalars: tuple[
             raise _dtype_error(path, name, _SAFETENSORS_NAMES.get(entry["dtype"], entry["dtype"]))
     data_end = max((entry["data_offsets"][1] for _, entry in entries), default=0)
     if data_end == 0:
-        return
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len, shape=(data_end,))
+        return metadata
+    with open(path, "rb") as f:  # mapped with its page table filled at once: page faults cost more than the check
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0) if hasattr(mmap, "MAP_SHARED") else 0
+        mapped = (mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ) if flags
+                  else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+    data = np.frombuffer(mapped, dtype=np.uint8, count=data_end, offset=8 + header_len)
     i = 0
     while i < len(entries):
         dtype, j = entries[i][1]["dtype"], i
@@ -232,6 +240,7 @@ def check_safetensors_values(path: str | os.PathLike, *, integer_scalars: tuple[
         if dtype in _SAFETENSORS_FLOATS:
             _check_run(path, data, entries[i:j + 1], *_SAFETENSORS_FLOATS[dtype])
         i = j + 1
+    return metadata
 
 
 def _check_run(path, data, run, view: str, magnitude: int, smallest: int, has_inf: bool) -> None:
