@@ -19,6 +19,7 @@ A saved MMSM is one safetensors file; its config is JSON in the metadata (`save_
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ class MMSMConfig:
         check_config_numbers("MMSM", self, positive=("text_dim", "feature_channels", "width", "num_heads", "mlp_hidden"),
                              divisible=(("width", "num_heads"),))
         if self.insertion_block not in INSERTION_BLOCKS or isinstance(self.insertion_index, bool) \
-                or not isinstance(self.insertion_index, int) or self.insertion_index < 0:
+                or not isinstance(self.insertion_index, numbers.Integral) or self.insertion_index < 0:
             raise ValueError(f"MMSM config: insertion point ({self.insertion_block!r}, {self.insertion_index!r}) "
                              f"is not supported; use one of {INSERTION_BLOCKS} with an integer index >= 0")
         check_parameter_count("MMSM", self.parameter_count(), self)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import struct
 from pathlib import Path
@@ -292,11 +293,11 @@ def check_config_numbers(what: str, config, *, positive: tuple = (), divisible: 
 
     for name in positive:
         for label, value in items(name):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{what} config: {label} must be a positive integer, got {value!r}")
     for name in finite_positive + finite:
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
                 or (name in finite_positive and value <= 0):
             kind = "a finite number > 0" if name in finite_positive else "a finite number"
             raise ValueError(f"{what} config: {name} must be {kind}, got {value!r}")

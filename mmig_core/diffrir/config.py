@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 
@@ -64,7 +65,7 @@ class DiffRIRConfig:
             "prior_features", "timesteps"), finite_positive=("ffn_expansion_factor", "linear_start", "linear_end"))
         for name in ("prior_res_blocks", "denoise_res_blocks"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
                 raise ValueError(f"DiffRIR config: {name} must be an integer >= 0, got {value!r}")
         if self.unshuffle & (self.unshuffle - 1):
             raise ValueError(f"DiffRIR config: unshuffle must be a power of 2, got {self.unshuffle}")
