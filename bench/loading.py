@@ -12,9 +12,9 @@ cache; `cold`: its pages are dropped first (posix_fadvise DONTNEED on that file 
 - `diffrir_{hot,cold}_load_with_check_over_without`: load_diffrir on the published x1 network (paper_config).
 - `<loader>_check_alone_over_hot_load_without`: the check timed alone on the file over the hot load without it.
 - `lora_check_over_read`: the check alone over the bare safetensors read of the LoRA (load_file, hot), for scale.
-A check must read every byte once, and a hot-cache read is a single copy, so for a bare file read (the LoRA)
-the ratio stays well above 1.05; where loading builds a module (MMSM, adapters, DiffRIR) the check is within the
-noise of the build.
+A check must read every byte once, and a hot-cache read is a single copy, so for a bare file read (the LoRA) the
+ratio stays well above 1.05; where loading also builds the module (MMSM, adapters, DiffRIR), the build dilutes it.
+On a shared machine the with/without ratios move by +-30 % between runs; the check-alone ratio is the steadier one.
 """
 from __future__ import annotations
 
