@@ -9,6 +9,7 @@ without this it gives an all-NaN image or silently changes what a node does. The
 """
 import functools
 import inspect
+import logging
 import math
 
 import torch
@@ -58,6 +59,10 @@ def tensor_problem(node: str, name: str, kind: str, value) -> str | None:
     tensor = value.get("samples") if kind == "LATENT" and isinstance(value, dict) else value
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.numel() == 0:
         return None  # other shapes of bad input are the node's own checks
+    # Any NaN or Inf makes the sum non-finite; one reduction is cheaper than a mask. Overflow alone goes on to
+    # the exact count, which then finds nothing.
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32 if tensor.dtype != torch.float64 else None))):
+        return None
     finite = torch.isfinite(tensor)
     if bool(finite.all()):
         return None
@@ -68,7 +73,7 @@ def tensor_problem(node: str, name: str, kind: str, value) -> str | None:
             f"connected to {name}, which produced them")
 
 
-def _problems(node: str, declared: dict, values: dict, is_list: bool):
+def _problems(node: str, declared: dict, values: dict, is_list: bool, running: bool = False):
     for name, value in values.items():
         if name not in declared or value is None:
             continue
@@ -79,6 +84,8 @@ def _problems(node: str, declared: dict, values: dict, is_list: bool):
                 continue
             if kind == "FLOAT":
                 problem = float_problem(node, name, item, options)
+                if problem and running:  # widgets were refused before the run: this one is most likely linked
+                    problem += f" (if {name} is linked, look at the node connected to {name})"
             elif kind in TENSOR_TYPES:
                 problem = tensor_problem(node, name, kind, item)
             else:
@@ -138,7 +145,7 @@ def _with_checked_function(node_class, node: str, checked: dict) -> None:
         values = kwargs
         if args:
             values = signature.bind_partial(self, *args, **kwargs).arguments
-        for problem in _problems(node, checked, values, is_list):
+        for problem in _problems(node, checked, values, is_list, running=True):
             raise NodeInputError(problem)
         return original(self, *args, **kwargs)
 
@@ -148,10 +155,14 @@ def _with_checked_function(node_class, node: str, checked: dict) -> None:
 def check_node_inputs(class_mappings: dict, display_names: dict) -> None:
     """Install the boundary checks on every node class of the mappings (once per class)."""
     for node_id, node_class in class_mappings.items():
-        if getattr(node_class, _INSTALLED, False):
+        if node_class.__dict__.get(_INSTALLED):  # not inherited: a subclass gets its own
             continue
         node = display_names.get(node_id, node_id)
-        declared = _declared_inputs(node_class)
+        try:
+            declared = _declared_inputs(node_class)
+        except Exception as exc:  # e.g. an unreadable model folder: the pack must still load
+            logging.warning("MMIG: %s: inputs not checked, INPUT_TYPES failed: %s", node, exc)
+            continue
         floats = {k: v for k, v in declared.items() if v[0] == "FLOAT"}
         checked = {k: v for k, v in declared.items() if v[0] == "FLOAT" or v[0] in TENSOR_TYPES}
         if floats:

@@ -146,6 +146,12 @@ def multimodal_prompt_image(value="nan"):
     return graph
 
 
+def vlm_lora_strength(value):
+    graph = mmsm_apply()
+    graph["vlm"]["inputs"]["lora_strength"] = value
+    return graph
+
+
 @dataclass
 class Case:
     id: str
@@ -165,6 +171,7 @@ FLOAT_WIDGETS = [
          ("MMIG MUMU Loader", "vlm_strength", "NaN")),
     Case("mumu-min-matched-nan", lambda host: mumu_loader(min_matched_fraction=NAN),
          ("MMIG MUMU Loader", "min_matched_fraction", "NaN")),
+    Case("vlm-lora-strength-nan", lambda host: vlm_lora_strength(NAN), ("MMIG VLM Loader", "lora_strength", "NaN")),
     Case("layered-alpha-nan", lambda host: layered(alpha=NAN), ("MMIG Layered Embeddings", "alpha", "NaN")),
     Case("astar-scale-factor-nan", lambda host: astar(scale_factor=NAN), ("MMIG A-STAR Guidance", "scale_factor", "NaN")),
     Case("astar-threshold-nan", lambda host: astar(threshold=NAN), ("MMIG A-STAR Guidance", "threshold", "NaN")),
@@ -181,7 +188,7 @@ FLOAT_WIDGETS = [
 # Values that exist only once the graph runs: a FLOAT from another node, and tensors.
 RUNTIME_VALUES = [
     Case("lora-linked-strength-nan", lambda host: lora_merge(linked_strength="nan"),
-         ("MMIG LoRA Merge", "strength", "NaN")),
+         ("MMIG LoRA Merge", "strength is NaN", "the node connected to strength")),
     Case("layered-mask-nan-from-solid-mask", lambda host: layered(mask_value=NAN),
          ("MMIG Layered Embeddings", "mask", "NaN", "the node connected to mask")),
     Case("layered-latent-inf", lambda host: layered(bad_latent="inf"),

@@ -83,7 +83,7 @@ def test_the_function_refuses_non_finite_values_linked_or_not():
     bad = image.clone()
     bad[0, 1, 2, 0] = math.nan
     cases = [({"strength": math.nan}, "Test Node: strength is NaN"),
-             ({"fraction": math.inf}, "Test Node: fraction is inf"),
+             ({"fraction": math.inf}, "Test Node: fraction is inf .*look at the node connected to fraction"),
              ({"image": bad}, "Test Node: image (IMAGE) has 1 NaN value(s) out of 192; look at the node connected to image"),
              ({"mask": torch.full((1, 8, 8), -math.inf)}, "mask (MASK) has 64 Inf value(s)"),
              ({"latent": {"samples": torch.tensor([math.nan, math.inf])}}, "latent (LATENT) has 2 NaN and Inf value(s)")]
@@ -92,6 +92,9 @@ def test_the_function_refuses_non_finite_values_linked_or_not():
             node.run(**{"name": "a", "strength": 0.5, "image": image, **change})
     with pytest.raises(checks.NodeInputError, match="strength is NaN"):
         node.run("a", math.nan, image)
+    # Large but finite values whose sum overflows are not mistaken for Inf; half precision is checked too.
+    assert checks.tensor_problem("N", "latent", "LATENT", {"samples": torch.full((4,), 3e38)}) is None
+    assert "1 NaN" in checks.tensor_problem("N", "image", "IMAGE", bad.half())
 
 
 def test_input_lists_are_checked_item_by_item_and_installing_twice_wraps_once():
@@ -135,3 +138,18 @@ def test_every_pack_node_validates_each_of_its_float_inputs():
             given = {name: math.nan for name in floats}
             assert "is NaN" in str(host_call(node_class, given)), node_id
     assert seen >= 6  # MMSM Apply, LoRA Merge, MUMU Loader, A-STAR, Layered Embeddings, VLM Loader
+
+
+def test_a_node_whose_input_types_fail_is_left_unchecked_and_the_rest_installed(caplog):
+    class Broken:
+        FUNCTION = "run"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            raise OSError("models folder unreadable")
+
+    good = make_node(False)
+    del good._mmig_checked_inputs
+    checks.check_node_inputs({"B": Broken, "G": good}, {"B": "Broken Node"})
+    assert not hasattr(Broken, "VALIDATE_INPUTS") and "Broken Node" in caplog.text
+    assert "G: strength is NaN" in host_call(good, {"strength": math.nan})
