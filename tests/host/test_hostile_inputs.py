@@ -245,7 +245,21 @@ def mmsm_past_the_blocks(host) -> dict:
     return graph
 
 
+def adapter_for_768_d(host) -> dict:
+    """MUMU Encode with an adapter built for a 768-d (SD1.5-width) context, on the SDXL graph."""
+    from devtools.tiny_idefics2 import TEXT_HIDDEN
+    from mmig_core.mumu_adapter import MUMUAdapter, MUMUAdapterConfig, init_adapter, save_adapter
+    config = MUMUAdapterConfig(input_dim=TEXT_HIDDEN, width=32, num_layers=1, num_heads=2, context_dim=768)
+    (host.scratch_models / "mmig").mkdir(exist_ok=True)
+    save_adapter(init_adapter(MUMUAdapter(config)), host.scratch_models / "mmig" / "hostile-768-adapter.safetensors")
+    graph = mmsm_apply()
+    graph["adapter"]["inputs"]["adapter_name"] = "hostile-768-adapter.safetensors"
+    return graph
+
+
 HOSTILE_FILES = [
+    Case("mumu-adapter-for-768-d-context", adapter_for_768_d,
+         ("hostile-768-adapter.safetensors", "outputs 768-d context tokens", "SDXL's UNet takes 2048-d context")),
     Case("lora-file-with-nan", nan_lora_file, ("hostile-nan-lora.safetensors", "holds 1 NaN", "corrupt")),
     Case("mmsm-zero-heads", zero_heads_mmsm,
          ("hostile-zero-heads.safetensors", "num_heads must be a positive integer, got 0")),
