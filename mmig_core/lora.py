@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .model_files import ModelFilesError, check_safetensors_file, save_safetensors_atomic
+from .model_files import ModelFilesError, check_safetensors_values, save_safetensors_atomic
 
 LDM_PREFIX = "diffusion_model."
 # SDXL's UNet: up levels 0 and 1 (the two deepest) have transformers, so their upsampler sits at index 2.
@@ -319,7 +319,8 @@ def load_lora_file(path) -> tuple[dict, dict]:
     if path.suffix.lower() != ".safetensors":
         raise ModelFilesError(f"{path.name}: LoRA files are read as .safetensors only (no pickles); convert "
                               f"it, e.g. with safetensors.torch.save_file.")
-    metadata = check_safetensors_file(path)
+    # An integer LoRA would merge as garbage and a NaN one gives NaN images: refuse both, naming the tensor.
+    metadata = check_safetensors_values(path, integer_scalars=(".alpha",))
     try:
         return load_file(str(path)), metadata
     except Exception as e:  # noqa: BLE001 — any decode failure means a corrupt file

@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .model_files import ModelFilesError, load_weights_exactly, read_config_metadata, save_safetensors_atomic
+from .model_files import (ModelFilesError, check_config_numbers, check_parameter_count, load_weights_exactly,
+                          read_config_metadata, save_safetensors_atomic)
 
 FORMAT = "mmig-mm-adapter"
 FORMAT_VERSION = 2  # 1: mean-token routing, a down-projection per expert, in front of the whole decoder layer
@@ -58,6 +59,20 @@ class MMAdapterConfig:
     scale: float = 1.0          # s (LaVIN's adapter_scale: 1)
     temperature: float = 10.0   # tau of the router's softmax (LaVIN: 10; 5 in its 13B instruction tuning)
     dropout: float = 0.1        # on the bottleneck, in training (LaVIN: 0.1)
+
+    def __post_init__(self):
+        check_config_numbers("MM-Adapter", self, positive=("dim", "num_layers", "hidden", "groups"),
+                             finite_positive=("temperature",), finite=("scale", "dropout"),
+                             divisible=(("hidden", "groups"), ("dim", "groups")))
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"MM-Adapter config: dropout must be in [0, 1), got {self.dropout!r}")
+        check_parameter_count("MM-Adapter", self.parameter_count(), self)
+
+    def parameter_count(self) -> int:
+        """The parameters of MMAdapterSet(self), computed from the sizes (nothing is allocated)."""
+        d, h, g = self.dim, self.hidden, self.groups
+        per_layer = (d * h + h) + 2 * (h // g * d + d) + (2 * d + 2)  # down, two up-convolutions, router
+        return self.num_layers * per_layer + 2 * d  # + the modality embedding
 
 
 class MMAdapter(nn.Module):
@@ -233,5 +248,5 @@ def load_mm_adapters(path: str | os.PathLike) -> MMAdapterSet:
         config = MMAdapterConfig(**{f.name: raw[f.name] for f in fields(MMAdapterConfig) if f.name in raw})
         adapter_set = MMAdapterSet(config)
     except (KeyError, TypeError, ValueError) as e:
-        raise ModelFilesError(f"{path}: the MM-Adapter config in the metadata is unreadable ({e})") from None
+        raise ModelFilesError(f"{path}: the MM-Adapter config in the metadata is refused ({e})") from None
     return load_weights_exactly(adapter_set, path).eval()

@@ -19,14 +19,15 @@ A saved MMSM is one safetensors file; its config is JSON in the metadata (`save_
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .model_files import (ModelFilesError, check_safetensors_file, load_weights_exactly, read_config_metadata,
-                          save_safetensors_atomic)
+from .model_files import (ModelFilesError, check_config_numbers, check_parameter_count, check_safetensors_file,
+                          load_weights_exactly, read_config_metadata, save_safetensors_atomic)
 
 FORMAT = "mmig-mmsm"
 FORMAT_VERSION = "1"
@@ -44,14 +45,21 @@ class MMSMConfig:
     insertion_index: int = 0
 
     def __post_init__(self):
-        for name in ("text_dim", "feature_channels", "width", "num_heads", "mlp_hidden"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"MMSM config: {name} must be positive, got {getattr(self, name)}")
-        if self.width % self.num_heads:
-            raise ValueError(f"MMSM config: width {self.width} is not divisible by num_heads {self.num_heads}")
-        if self.insertion_block not in INSERTION_BLOCKS or self.insertion_index < 0:
-            raise ValueError(f"MMSM config: insertion point ({self.insertion_block!r}, {self.insertion_index}) "
-                             f"is not supported; use one of {INSERTION_BLOCKS} with an index >= 0")
+        check_config_numbers("MMSM", self, positive=("text_dim", "feature_channels", "width", "num_heads", "mlp_hidden"),
+                             divisible=(("width", "num_heads"),))
+        if self.insertion_block not in INSERTION_BLOCKS or isinstance(self.insertion_index, bool) \
+                or not isinstance(self.insertion_index, numbers.Integral) or self.insertion_index < 0:
+            raise ValueError(f"MMSM config: insertion point ({self.insertion_block!r}, {self.insertion_index!r}) "
+                             f"is not supported; use one of {INSERTION_BLOCKS} with an integer index >= 0")
+        check_parameter_count("MMSM", self.parameter_count(), self)
+
+    def parameter_count(self) -> int:
+        """The parameters of MMSM(self), computed from the sizes (nothing is allocated)."""
+        t, c, w, h = self.text_dim, self.feature_channels, self.width, self.mlp_hidden
+        mlp = t * h + h + h * w + w
+        domain_encoder = 2 * c + c * w + w
+        cross_attention = 4 * w * w + 4 * w  # in_proj (q, k, v) and out_proj, with biases
+        return mlp + domain_encoder + cross_attention + w * c + c
 
 
 class MMSM(torch.nn.Module):
@@ -90,6 +98,15 @@ class MMSM(torch.nn.Module):
         _, _, e4 = self.encode(text, text_mask, features)
         delta = self.domain_decoder(e4).transpose(1, 2).reshape(features.shape)
         return features + strength * delta
+
+
+def check_insertion_point(config: MMSMConfig, output_blocks: int, name: str) -> None:
+    """An MMSM placed at an output block the UNet does not have would never run: say which points it has."""
+    if config.insertion_index >= output_blocks:
+        raise ValueError(f"the MMSM '{name}' is inserted at ({config.insertion_block!r}, {config.insertion_index}), "
+                         f"but this model's UNet has {output_blocks} output blocks, so its insertion points are "
+                         f"({config.insertion_block!r}, 0) to ({config.insertion_block!r}, {output_blocks - 1}): "
+                         f"use an MMSM trained for this model")
 
 
 def mmsm_loss(e3: torch.Tensor, e2: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -138,7 +155,7 @@ def load_mmsm(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MM
     try:
         config = MMSMConfig(**raw)
     except (TypeError, ValueError) as e:
-        raise ModelFilesError(f"{path}: the MMSM config in the metadata is unreadable ({e})") from None
+        raise ModelFilesError(f"{path}: the MMSM config in the metadata is refused ({e})") from None
     return load_weights_exactly(MMSM(config), path).to(dtype).eval()
 
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model_files import ModelFilesError, load_weights_exactly, read_config_metadata, save_safetensors_atomic
+from .model_files import (ModelFilesError, check_config_numbers, check_parameter_count, load_weights_exactly,
+                          read_config_metadata, save_safetensors_atomic)
 
 FORMAT = "mmig-mumu-adapter"
 FORMAT_VERSION = "1"
@@ -42,11 +43,32 @@ class MUMUAdapterConfig:
     pad_multiple: int = 77        # CLIP's window length
 
     def __post_init__(self):
-        if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
-        for name in ("input_dim", "width", "num_layers", "num_heads", "context_dim", "pooled_dim", "pad_multiple"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_config_numbers("MUMU adapter", self, positive=("input_dim", "width", "num_layers", "num_heads",
+                                                              "context_dim", "pooled_dim", "pad_multiple"),
+                             finite_positive=("mlp_ratio",), divisible=(("width", "num_heads"),))
+        if int(self.width * self.mlp_ratio) < 1:
+            raise ValueError(f"MUMU adapter config: mlp_ratio {self.mlp_ratio} gives an empty MLP at width {self.width}")
+        check_parameter_count("MUMU adapter", self.parameter_count(), self)
+
+    def parameter_count(self) -> int:
+        """The parameters of MUMUAdapter(self), computed from the sizes (nothing is allocated)."""
+        i, w, hidden = self.input_dim, self.width, int(self.width * self.mlp_ratio)
+        block = 4 * w + (3 * w * w + 3 * w) + (w * w + w) + (w * hidden + hidden + hidden * w + w)
+        return (2 * i + i * w + w + w + self.num_layers * block + 2 * w + w * self.context_dim + self.context_dim
+                + w + 2 * w * w + 2 * w + w * self.pooled_dim + self.pooled_dim)
+
+
+SDXL_CONTEXT_DIM = 2048  # SDXL's cross-attention width
+SDXL_POOLED_DIM = 1280   # SDXL's pooled text embedding (CLIP-G)
+
+
+def check_sdxl_widths(config: MUMUAdapterConfig, name: str) -> None:
+    """A clear error, instead of a matmul error deep in the sampler, for an adapter whose outputs are not
+    SDXL's widths (e.g. one built for SD1.5's 768-d context)."""
+    if (config.context_dim, config.pooled_dim) != (SDXL_CONTEXT_DIM, SDXL_POOLED_DIM):
+        raise ValueError(f"the adapter '{name}' outputs {config.context_dim}-d context tokens and a "
+                         f"{config.pooled_dim}-d pooled vector, but SDXL's UNet takes {SDXL_CONTEXT_DIM}-d context "
+                         f"and a {SDXL_POOLED_DIM}-d pooled vector: load an adapter trained for SDXL")
 
 
 def _attention(q, k, v, heads: int, key_mask: torch.Tensor) -> torch.Tensor:
@@ -152,5 +174,5 @@ def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
         known = {f.name for f in fields(MUMUAdapterConfig)}
         config = MUMUAdapterConfig(**{k: v for k, v in raw.items() if k in known})
     except (TypeError, ValueError) as e:
-        raise ModelFilesError(f"{path}: the adapter config in the metadata is unreadable ({e})") from None
+        raise ModelFilesError(f"{path}: the adapter config in the metadata is refused ({e})") from None
     return load_weights_exactly(MUMUAdapter(config), path).to(dtype).eval()

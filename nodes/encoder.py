@@ -12,7 +12,7 @@ from ..mmig_core import llmga_tags, mm_prompt as prompts, vlm as core
 from ..mmig_core.generation import GenerationStopped
 from ..mmig_core.mm_adapter import FORMAT as MM_ADAPTER_FORMAT
 from ..mmig_core.model_files import ModelFilesError
-from ..mmig_core.mumu_adapter import FORMAT as MUMU_ADAPTER_FORMAT
+from ..mmig_core.mumu_adapter import FORMAT as MUMU_ADAPTER_FORMAT, check_sdxl_widths
 
 log = logging.getLogger("ComfyUI-MMIG")
 VLM_EXPECTED = "config.json, the processor files (tokenizer, image processor) and *.safetensors weights"
@@ -196,6 +196,7 @@ class MMIG_MUMUEncode:
             raise ValueError(f"the adapter '{adapter.name}' takes hidden states of width {config.input_dim}, but the "
                              f"VLM '{vlm.name}' has hidden size {vlm.vlm.hidden_size}: load the adapter trained for "
                              f"this VLM")
+        check_sdxl_widths(config, adapter.name)  # before the VLM runs, not as a matmul error in the sampler
         if not vlm.vlm.perceiver_dropped and getattr(vlm.vlm.model.config, "perceiver_config", None) is not None:
             log.warning("MMIG MUMU Encode: the VLM keeps its perceiver (%d tokens per image); MUMU adapters are "
                         "trained without it (turn drop_perceiver on in MMIG VLM Loader)", vlm.vlm.tokens_per_image)

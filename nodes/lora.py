@@ -16,9 +16,18 @@ from ._host_lora import host_lora_patches
 from ._loaded import LoadedAdapter, LoadedVLM
 
 
+def check_min_matched_fraction(min_matched_fraction: float) -> None:
+    """The guard's threshold must be a number in [0, 1]: a NaN would make every comparison false and let a LoRA
+    that matches nothing of the model through unchanged."""
+    if not 0.0 <= min_matched_fraction <= 1.0:
+        raise core.LoRAError(f"min_matched_fraction must be a number from 0 to 1, got {min_matched_fraction!r}: "
+                             f"set it to 1.0 to require every module of the LoRA to apply")
+
+
 def merge_lora(model, state_dict: dict, strength: float, min_matched_fraction: float, label: str):
     """(patched clone, report): the host's own LoRA loader applies the file, as Load LoRA does. Raises, naming
     them, when modules cannot be applied, unless min_matched_fraction was lowered to let the rest through."""
+    check_min_matched_fraction(min_matched_fraction)
     found = host_lora_patches(model, state_dict)
     report = f"{label}\n{found.report()}"
     if not found.applied:
@@ -34,7 +43,7 @@ def merge_lora(model, state_dict: dict, strength: float, min_matched_fraction: f
                              f"for another architecture, e.g. SD1.5? {100 * found.matched_fraction:.1f} % matched, "
                              f"min_matched_fraction {100 * min_matched_fraction:.0f} %). Nothing was merged."
                              f"\n{report}")
-    if found.dropped and found.matched_fraction < min_matched_fraction:
+    if found.dropped and not found.matched_fraction >= min_matched_fraction:  # NaN-proof: a NaN never passes
         names = ", ".join(module for module, _ in found.dropped[:10]) + (" ..." if len(found.dropped) > 10 else "")
         raise core.LoRAError(
             f"{label.rstrip(':')}: {len(found.dropped)} of {found.total} UNet modules cannot be applied ({names}); "
@@ -149,7 +158,8 @@ def merge_vlm_lora(vlm: LoadedVLM, state_dict: dict, strength: float, min_matche
     shapes = {key: tuple(value.shape) for key, value in vlm.patcher.model_state_dict().items()}
     match = core.match_lora(state_dict, shapes, core.build_name_table(shapes, prefix="inner."))
     report = f"VLM LoRA:\n{match.report()}"
-    if match.matched_fraction < min_matched_fraction:
+    check_min_matched_fraction(min_matched_fraction)
+    if not match.matched_fraction >= min_matched_fraction:  # NaN-proof, as in merge_lora
         raise core.LoRAError(f"Only {100 * match.matched_fraction:.1f} % of the bundle's VLM LoRA modules match "
                              f"VLM '{vlm.name}': load the VLM base the bundle was trained on.\n{report}")
     return dataclasses.replace(vlm, patcher=add_lora_patches(vlm.patcher, match, strength)), report

@@ -8,7 +8,7 @@ import torch
 
 from . import _host
 from ._loaded import adapter_files
-from ..mmig_core.mmsm import FORMAT as MMSM_FORMAT, OutputBlockPatch
+from ..mmig_core.mmsm import FORMAT as MMSM_FORMAT, OutputBlockPatch, check_insertion_point
 from ..mmig_core.model_files import ModelFilesError
 
 MMSM_SOURCE = ("MMSM files are .safetensors written by the pack's MMSM training (config in the file's metadata); "
@@ -103,6 +103,9 @@ class MMIG_MMSMApply:
 
     def apply(self, model, mmsm, llm_embeds, strength):
         config = mmsm.mmsm.config
+        output_blocks = getattr(getattr(model.model, "diffusion_model", None), "output_blocks", None)
+        if output_blocks is not None:
+            check_insertion_point(config, len(output_blocks), mmsm.name)
         expected = mid_block_channels(model)
         if config.insertion_index == 0 and expected is not None and expected != config.feature_channels:
             raise ValueError(f"the MMSM '{mmsm.name}' was built for a UNet with {config.feature_channels} mid-block "

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..model_files import ModelFilesError, check_safetensors_file, save_safetensors_atomic
+from ..model_files import (ModelFilesError, check_safetensors_file, check_safetensors_values, check_tensors,
+                           save_safetensors_atomic)
 from .config import DiffRIRConfig
 from .network import DiffRIR
 
@@ -219,7 +220,7 @@ def read_pth(path: Path) -> dict:
             f"{path} cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e}): it holds more "
             f"than tensors, and the pack never unpickles other objects. In the environment that made it, re-save "
             f"its weights alone (torch.save({{'params_ema': state_dict}}, 'DiffRIR.pth')) and use that file.") from None
-    return _unwrap_checkpoint(raw, path)
+    return check_tensors(_unwrap_checkpoint(raw, path), path)
 
 
 def load_diffrir(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> DiffRIR:
@@ -233,6 +234,7 @@ def load_diffrir(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32)
     else:
         from safetensors.torch import load_file
         metadata = check_safetensors_file(path)
+        check_safetensors_values(path)
         state = load_file(str(path))
     if CONFIG_KEY in metadata:
         try:
@@ -254,6 +256,10 @@ def load_diffrir(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32)
             f"{path} is neither a DiffRIR file written by this pack (no '{CONFIG_KEY}' metadata) nor an official "
             f"DiffRIR checkpoint (no G.patch_embed / condition.E keys; its keys start with "
             f"{', '.join(prefixes[:8]) or 'nothing'}); {ACCEPTED}.")
+    try:
+        config.check()  # before anything is allocated
+    except (ValueError, TypeError) as e:
+        raise ModelFilesError(f"{path} has an unusable DiffRIR config: {e}") from None
     model = load_into(DiffRIR(config), state, str(path))
     return model.to(dtype).eval().requires_grad_(False)
 

@@ -204,7 +204,70 @@ RUNTIME_VALUES = [
     Case("multimodal-prompt-image-nan", lambda host: multimodal_prompt_image("nan"),
          ("MMIG Multimodal Prompt", "image1", "NaN", "the node connected to image1")),
 ]
-CASES = FLOAT_WIDGETS + RUNTIME_VALUES
+
+
+# -- hostile weight files and configs (written into the scratch model folders) ----------------------------------
+def nan_lora_file(host) -> dict:
+    """MMIG LoRA Merge on the tiny LoRA with one NaN in its first tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from devtools.tiny_models import ensure_tiny_models
+    state = load_file(str(ensure_tiny_models() / TINY_LORA))
+    first = next(iter(state))
+    state[first] = state[first].clone()
+    state[first].view(-1)[0] = NAN
+    (host.scratch_models / "loras").mkdir(exist_ok=True)
+    save_file(state, str(host.scratch_models / "loras" / "hostile-nan-lora.safetensors"))
+    return lora_merge(lora_name="hostile-nan-lora.safetensors")
+
+
+def zero_heads_mmsm(host) -> dict:
+    """An MMSM whose metadata config asks for 0 heads (its weights never read)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    config = {"text_dim": 64, "feature_channels": 64, "width": 32, "num_heads": 0, "mlp_hidden": 64}
+    (host.scratch_models / "mmig").mkdir(exist_ok=True)
+    save_file({"mlp.0.weight": torch.zeros(1)}, str(host.scratch_models / "mmig" / "hostile-zero-heads.safetensors"),
+              metadata={"format": "mmig-mmsm", "format_version": "1", "config": json.dumps(config)})
+    graph = mmsm_apply()
+    graph["mmsm"]["inputs"]["mmsm_name"] = "hostile-zero-heads.safetensors"
+    return graph
+
+
+def mmsm_past_the_blocks(host) -> dict:
+    """A working MMSM whose insertion point lies past the tiny UNet's output blocks."""
+    from devtools.tiny_mmsm import build_tiny_mmsm
+    build_tiny_mmsm(host.scratch_models / "mmig" / "hostile-past-blocks.safetensors", insertion_index=99)
+    graph = mmsm_apply()
+    graph["mmsm"]["inputs"]["mmsm_name"] = "hostile-past-blocks.safetensors"
+    return graph
+
+
+def adapter_for_768_d(host) -> dict:
+    """MUMU Encode with an adapter built for a 768-d (SD1.5-width) context, on the SDXL graph."""
+    from devtools.tiny_idefics2 import TEXT_HIDDEN
+    from mmig_core.mumu_adapter import MUMUAdapter, MUMUAdapterConfig, init_adapter, save_adapter
+    config = MUMUAdapterConfig(input_dim=TEXT_HIDDEN, width=32, num_layers=1, num_heads=2, context_dim=768)
+    (host.scratch_models / "mmig").mkdir(exist_ok=True)
+    save_adapter(init_adapter(MUMUAdapter(config)), host.scratch_models / "mmig" / "hostile-768-adapter.safetensors")
+    graph = mmsm_apply()
+    graph["adapter"]["inputs"]["adapter_name"] = "hostile-768-adapter.safetensors"
+    return graph
+
+
+HOSTILE_FILES = [
+    Case("mumu-adapter-for-768-d-context", adapter_for_768_d,
+         ("hostile-768-adapter.safetensors", "outputs 768-d context tokens", "SDXL's UNet takes 2048-d context")),
+    Case("lora-file-with-nan", nan_lora_file, ("hostile-nan-lora.safetensors", "holds 1 NaN", "corrupt")),
+    Case("mmsm-zero-heads", zero_heads_mmsm,
+         ("hostile-zero-heads.safetensors", "num_heads must be a positive integer, got 0")),
+    Case("mmsm-insertion-past-the-blocks", mmsm_past_the_blocks,
+         ("hostile-past-blocks.safetensors", "is inserted at ('output', 99)", "output blocks",
+          "insertion points are ('output', 0) to")),
+]
+CASES = FLOAT_WIDGETS + RUNTIME_VALUES + HOSTILE_FILES
 
 
 def assert_still_serving(host):
