@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from devtools.paths import pack_module  # noqa: E402
+from devtools.pack import import_pack_module as pack_module  # noqa: E402
 from devtools.tiny_mmsm import tiny_mmsm_config  # noqa: E402
 from mmig_core import model_files  # noqa: E402
 from mmig_core.diffrir import DiffRIR, load_diffrir, paper_config, save_diffrir, tiny_config  # noqa: E402
