@@ -1,9 +1,9 @@
 """LoRA merge cost on the tiny SDXL in the pinned host's code, with a rank-8 LoRA on every transformer linear
 (attention, feed-forward, proj_in/out: MUMU's LoRA targets).
 
-- `patched_step_over_plain_step`: clone + add_patches (the host's own LoRA patches, as MMIG LoRA Merge adds
-  them) + one sampling step (the host multiplies B·A out while loading), over one step of the unpatched model;
-  alternated, median of REPEATS.
+- `patched_step_over_plain_step`: MMIG LoRA Merge's own merge (the host's LoRA loader, with the pack's account
+  of every module, on a clone) + one sampling step (the host multiplies B·A out while loading), over one step
+  of the unpatched model; alternated, median of REPEATS.
 - `merge_peak_mem_over_model_size`: (UNet bytes + the peak resident memory the merge adds: reading the
   LoRA, matching it, patching and loading the model) over the UNet bytes, in a fresh process (Linux VmHWM,
   reset via /proc/self/clear_refs after the model is loaded), median of MEMORY_REPEATS. 1.0 would mean no
@@ -43,17 +43,11 @@ def write_bench_lora(folder: Path) -> Path:
 
 
 def merged(model, lora_path: Path, strength: float = 1.0):
-    """What MMIG LoRA Merge does (nodes/lora.py), with the host's ModelPatcher."""
-    import comfy.lora
-    from mmig_core import lora as core
+    """What MMIG LoRA Merge does: the node's own merge (nodes/lora.py, the host's LoRA loader) on a clone."""
+    from devtools.pack import import_pack_module
 
-    state_dict, _ = core.load_lora_file(lora_path)
-    shapes = {k: tuple(v.shape) for k, v in model.model_state_dict("diffusion_model.").items()}
-    match = core.match_lora(state_dict, shapes)
-    assert match.matched_fraction == 1.0, match.report()
-    patched = model.clone()
-    tensors, targets = match.factors()
-    patched.add_patches(comfy.lora.load_lora(tensors, targets), strength)
+    state_dict, _ = import_pack_module("mmig_core.lora").load_lora_file(lora_path)
+    patched, _report = import_pack_module("nodes.lora").merge_lora(model, state_dict, strength, 1.0, "bench:")
     return patched
 
 

@@ -101,6 +101,8 @@ def _vae_state_dict(seed: int) -> dict[str, torch.Tensor]:
     vae = TAESD()
     _initialise(vae, _generator(seed, "vae"))
     vae.vae_scale.fill_(TAESDXL_VAE_SCALE)
+    if hasattr(vae, "vae_shift"):  # newer hosts' TAESD: latent = raw / scale + shift; SDXL has no shift
+        vae.vae_shift.fill_(0.0)
     vae.taesd_decoder[-1].bias.fill_(0.5)  # mid-grey images, not ones clamped flat at black
     return {VAE_PREFIX + k: v.float().contiguous() for k, v in vae.state_dict().items()}
 
