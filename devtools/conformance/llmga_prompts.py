@@ -1,6 +1,6 @@
 """LLMGA's prompt format, as facts from the released code (dvlab-research/LLMGA).
 
-    python -m devtools.conformance llmga_prompts --reference /work/.mirror/dvlab-research+LLMGA/repo
+    python -m devtools.conformance llmga_prompts --reference <checkout of dvlab-research/LLMGA>
 
 Writes tests/conformance/llmga_prompts/facts.json:
   - every conversation template of `llmga/llava/conversation.py` (system prompt, roles, separators), and the

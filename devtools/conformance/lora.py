@@ -2,7 +2,7 @@
 LoRA loader gives on the tiny SDXL for each LoRA format (where the pinned 2024-03 host differs, e.g. DoRA, this
 is what the pack must match).
 
-    python -m devtools.conformance lora --reference /work/.mirror/pollockjj+ComfyUI/repo
+    python -m devtools.conformance lora --reference <checkout of pollockjj/ComfyUI>
 
 Writes tests/conformance/lora/:
 - `sdxl_unet_lora_keys.json`: the host's `model_lora_keys_unet` on the real SDXL base UNet config, built on the
