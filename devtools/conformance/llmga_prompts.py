@@ -65,6 +65,19 @@ def _import_reference_modules(root: Path) -> dict:
         sys.modules.update(saved)
 
 
+def _as_function(block: str):
+    """The CLIs' extraction block (it rewrites `caption`) as a function, imported from a temporary module."""
+    import importlib.util
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "llmga_cli_extraction.py"
+        path.write_text("def extract(caption):\n" + textwrap.indent(block, "    ") + "\n    return caption\n")
+        spec = importlib.util.spec_from_file_location("llmga_cli_extraction", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module.extract
+
+
 def _extraction_block(script: str) -> str:
     """The CLI's extraction: from `id1=caption.find("<gen_image>")` to its last `caption = ...` branch."""
     lines = script.splitlines()
@@ -114,11 +127,8 @@ def regenerate(reference: Path, out: Path) -> None:
     if len(set(blocks.values())) != 1:
         raise RuntimeError(f"the CLIs extract the prompt differently: {sorted(blocks)}; record each")
     block = next(iter(blocks.values()))
-    extraction = []
-    for response in RESPONSES:
-        namespace = {"caption": response}
-        exec(compile(block, "llmga/serve/cli.py (extraction)", "exec"), namespace)  # the reference's own code
-        extraction.append({"response": response, "reference": namespace["caption"]})
+    extract = _as_function(block)
+    extraction = [{"response": response, "reference": extract(response)} for response in RESPONSES]
 
     model_types = {}
     for path in sorted((reference / "llmga" / "llava" / "model" / "language_model").glob("*.py")):
