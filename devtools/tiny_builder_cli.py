@@ -1,4 +1,4 @@
-"""The command line every Hugging Face tiny-model builder shares: `python -m devtools.tiny_X OUT_DIR [--seed S]`."""
+"""The command line the tiny-model builders share: `python -m devtools.tiny_X OUT [--seed S]` (a folder or a file)."""
 from __future__ import annotations
 
 import argparse
@@ -8,9 +8,9 @@ from typing import Callable
 
 def run_builder(build: Callable[..., Path], what: str, description: str, argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("out", type=Path, help="where to write it")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    folder = build(args.out_dir, seed=args.seed)
-    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    print(f"{what} written to {folder} ({size / 1e6:.2f} MB)")
+    written = build(args.out, seed=args.seed)
+    files = [p for p in written.iterdir() if p.is_file()] if written.is_dir() else [written]
+    print(f"{what} written to {written} ({sum(p.stat().st_size for p in files) / 1e6:.2f} MB)")

@@ -12,14 +12,13 @@ converter turns the same UNet weights into a UNet2DConditionModel (see `diffuser
 """
 from __future__ import annotations
 
-import argparse
 import os
-import time
 from pathlib import Path
 
 import torch
 
 from devtools import tiny_sdxl
+from devtools.tiny_builder_cli import run_builder
 
 UNET_PREFIX = "model.diffusion_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
@@ -124,13 +123,7 @@ def diffusers_unet(path: Path):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_file", type=Path, help="where to write the .safetensors checkpoint")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    path = build_tiny_sd15(args.out_file, seed=args.seed)
-    print(f"{path}: {path.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - start:.1f} s")
+    run_builder(build_tiny_sd15, "tiny SD1.x checkpoint", __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":

@@ -81,25 +81,26 @@ def interrupt_while_running(host, graph, what, after=1.5):
     return outcome["result"], seconds
 
 
+def ends_within_two_seconds_of_an_interrupt(host, graph, what):
+    result, seconds = interrupt_while_running(host, graph, what)
+    assert not result.ok and "interrupted" in result.error, result.error
+    assert seconds < 2.0, f"the prompt ended {seconds:.2f} s after /interrupt"
+    still_serves(host)
+
+
 def test_interrupt_during_describe_ends_the_prompt_within_two_seconds_and_the_next_graph_runs(host):
     host.run_graph(describe_graph(max_new_tokens=2)).check()  # the VLM loader's output is now cached
     graph = describe_graph(max_new_tokens=2048)
     # This image and history make the tiny model write all 2048 tokens (about 40 s on a CPU): it never ends early.
     graph["1"]["inputs"]["color"] = 0x778899
-    result, seconds = interrupt_while_running(host, graph, "describe")
-    assert not result.ok and "interrupted" in result.error, result.error
-    assert seconds < 2.0, f"the prompt ended {seconds:.2f} s after /interrupt"
-    still_serves(host)
+    ends_within_two_seconds_of_an_interrupt(host, graph, "describe")
 
 
 def test_interrupt_during_a_blip2_batch_ends_the_prompt_within_two_seconds(host):
     host.run_graph(caption_graph()).check()  # the loader's output is now cached
     graph = caption_graph(max_new_tokens=512)  # each caption runs to the tiny model's 128 positions
     graph["1"]["inputs"]["batch_size"] = 256
-    result, seconds = interrupt_while_running(host, graph, "BLIP-2 batch")
-    assert not result.ok and "interrupted" in result.error, result.error
-    assert seconds < 2.0, f"the prompt ended {seconds:.2f} s after /interrupt"
-    still_serves(host)
+    ends_within_two_seconds_of_an_interrupt(host, graph, "BLIP-2 batch")
 
 
 # --- item 9 and hang and crash: lengths, prompts, tiles, histories, wrong folders -------------------------------
