@@ -176,13 +176,17 @@ def hub_key(key: str) -> str | None:
                       f"model.vision_tower.vision_tower.vision_model.*)")
 
 
+_CLIP_VISION_MODULES = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+
+
 def clip_hub_key(key: str) -> str | None:
-    """A CLIP folder's weight (CLIPModel or CLIPVisionModel) -> its llava-hf name; None for the text side."""
-    for prefix in ("vision_model.", "vision_tower.vision_model."):
-        if key.startswith(prefix):
-            rest = key[len(prefix):]
-            return None if rest.endswith("position_ids") else "vision_tower.vision_model." + rest
-    return None
+    """A CLIP folder's weight -> its llava-hf name; None for the text side and buffers. Handles CLIPModel folders
+    (`vision_model.*`, the hub's openai/clip-vit-large-patch14-336), CLIPVisionModel folders saved by 4.x
+    (`vision_model.*`) and by 5.x (the tower's modules at the top: `embeddings.*`, `encoder.*`, ...)."""
+    rest = key[len("vision_model."):] if key.startswith("vision_model.") else key
+    if not rest.startswith(_CLIP_VISION_MODULES) or rest.endswith("position_ids"):
+        return None
+    return "vision_tower.vision_model." + rest
 
 
 def clip_vision_config(clip_config: dict, folder) -> dict:
@@ -205,6 +209,8 @@ def clip_vision_config(clip_config: dict, folder) -> dict:
 
 def text_config(config: dict, text_model_type: str, vocab_size: int) -> dict:
     text = {k: v for k, v in config.items() if k not in LLAVA_ONLY_FIELDS}
+    if text.get("rope_scaling", 0) is None:
+        del text["rope_scaling"]  # null in LLaVA's saves; newer transformers warn on an explicit null
     text.update(model_type=text_model_type, vocab_size=vocab_size)
     return text
 
