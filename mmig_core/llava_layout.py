@@ -243,8 +243,9 @@ def chat_template(mode: str) -> str:
     """A Jinja chat template that renders LLMGA's `Conversation.get_prompt()` text for `mode`.
 
     Messages are transformers' chat messages; an image item renders `<image>` followed by a newline, as LLMGA's CLIs
-    write `DEFAULT_IMAGE_TOKEN + "\\n" + text`. A `system` message replaces the mode's system prompt. No BOS: the
-    tokenizer adds it, as `tokenizer_image_token` does. Multi-turn LLAMA_2 prompts keep LLMGA's literal `<s>` before
+    write `DEFAULT_IMAGE_TOKEN + "\\n" + text` (unless the text after it already starts with one, as the pack's
+    own task sentences do: either way the text is LLMGA's). A `system` message replaces the mode's system prompt.
+    No BOS: the tokenizer adds it, as `tokenizer_image_token` does. Multi-turn LLAMA_2 prompts keep LLMGA's literal `<s>` before
     later [INST] turns and the `<<SYS>>` block even when the system prompt is empty (mistral_instruct), since the
     released models were trained on exactly that text."""
     if mode not in CONVERSATIONS:
@@ -257,9 +258,12 @@ def chat_template(mode: str) -> str:
     def lit(value) -> str:
         return json.dumps(value if value is not None else "")
 
-    # One line, no whitespace control: every character outside the tags is prompt text.
+    # One line, no whitespace control: every character outside the tags is prompt text. transformers renders with
+    # trim_blocks, which eats a newline right after a block tag: such a newline is written as an expression.
     content = ("{% macro content(m) %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
-               "{% for item in m['content'] %}{% if item['type'] == 'image' %}<image>\n"
+               "{% for item in m['content'] %}{% if item['type'] == 'image' %}<image>"
+               "{% if not (loop.nextitem is defined and loop.nextitem['type'] == 'text' "
+               "and loop.nextitem['text'][:1] == '\\n') %}{{ '\\n' }}{% endif %}"
                "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
                "{% endmacro %}")
     head = (content + "{% set system = " + lit(conv["system"]) + " %}{% set msgs = messages %}"

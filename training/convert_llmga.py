@@ -165,7 +165,7 @@ def convert(src, out, vision_tower, conversation: str | None = None, log=print) 
     try:
         index, seen, total = {}, set(), 0
         shards = [(f, "language model") for f in src_files] + [(f, "vision tower") for f in clip_files]
-        own_tower = False
+        own_tower, lm_dtype = False, None
         for number, (path, what) in enumerate(shards, start=1):
             weights = read_weights(path)
             mapped = {}
@@ -179,6 +179,10 @@ def convert(src, out, vision_tower, conversation: str | None = None, log=print) 
                     raise LayoutError(f"{path}: weight {key} appears in more than one shard.")
                 if name in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
                     tensor = _grow(tensor, rows)
+                if what == "language model" and tensor.is_floating_point():
+                    lm_dtype = lm_dtype or tensor.dtype
+                elif what == "vision tower" and tensor.is_floating_point() and lm_dtype is not None:
+                    tensor = tensor.to(lm_dtype)  # LLaVA runs its tower in the model's dtype; CLIP-L ships fp32
                 mapped[name] = tensor.contiguous()
             own_tower = own_tower or any(n.startswith("vision_tower.") for n in mapped) and what == "language model"
             if not mapped:

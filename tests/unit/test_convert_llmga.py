@@ -173,6 +173,16 @@ def test_chat_template_renders_what_llmga_renders(converted, mode):
         assert text == case["reference_prompt"], (mode, case["name"])
 
 
+def test_a_newline_after_the_image_is_not_doubled(converted):
+    # The pack writes a task sentence after the images as "\n" + text (mmig_core.vlm._after_images); the template
+    # adds the newline only where the text does not bring one, so both spellings give LLMGA's text.
+    _, processor, _ = converted
+    case = RENDERED["rendered"]["llava_llama_2"][0]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nGenerate a similar image."}]}]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+        case["reference_prompt"]
+
+
 def test_conversation_facts_are_the_reference_ones():
     for mode, conv in llava_layout.CONVERSATIONS.items():
         reference = PROMPT_FACTS["conversations"][mode]
@@ -223,9 +233,13 @@ def test_bin_weights_load_only_through_weights_only(built, tmp_path):
     src = tmp_path / "llmga-llama-2-7b-chat-bin"
     shutil.copytree(built["src"], src)
     (src / "model.safetensors").unlink()
-    torch.save(load_file(str(built["src"] / "model.safetensors")), src / "pytorch_model.bin")
+    torch.save({k: v.to(torch.bfloat16) for k, v in load_file(str(built["src"] / "model.safetensors")).items()},
+               src / "pytorch_model.bin")  # LLMGA's releases are bf16 .bin shards
     out = convert_llmga.convert(src, tmp_path / "from-bin", built["clip"], **QUIET)
-    assert load_file(str(out / "model-00001-of-00002.safetensors"))["multi_modal_projector.linear_1.bias"].numel()
+    language = load_file(str(out / "model-00001-of-00002.safetensors"))
+    tower = load_file(str(out / "model-00002-of-00002.safetensors"))
+    assert language["multi_modal_projector.linear_1.bias"].dtype == torch.bfloat16
+    assert {t.dtype for t in tower.values()} == {torch.bfloat16}  # the fp32 CLIP tower in the model's dtype
 
     torch.save({"model.norm.weight": torch.ones(2), "payload": Path("x")}, src / "pytorch_model.bin")
     with pytest.raises(LayoutError, match=r"weights_only=True\) refuses"):
