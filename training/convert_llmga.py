@@ -90,7 +90,13 @@ def _processor(clip: Path, tokenizer, config: dict, vision: dict, mode: str):
     preprocessor = _read_json(clip / "preprocessor_config.json", "the CLIP image processor")
     kwargs = llava_layout.image_processor_kwargs(preprocessor)
     if config.get("image_aspect_ratio", "square") == "pad":
-        from transformers import LlavaImageProcessor  # pads to a square with the mean colour, as expand2square
+        try:
+            from transformers import LlavaImageProcessor  # pads to a square with the mean colour, as expand2square
+        except ImportError:
+            import transformers
+            raise LayoutError(f"transformers {transformers.__version__} has no LlavaImageProcessor, which does "
+                              f"LLMGA's pad-to-square preprocessing; upgrade transformers (4.50 or later is "
+                              f"tested) and convert again.") from None
         image_processor = LlavaImageProcessor(do_pad=True, **kwargs)
     else:
         image_processor = CLIPImageProcessor(**kwargs)
@@ -144,6 +150,17 @@ def convert(src, out, vision_tower, conversation: str | None = None, log=print) 
         with warnings.catch_warnings():  # and that its null rope_scaling is deprecated
             warnings.simplefilter("ignore", FutureWarning)
             tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - missing/corrupt tokenizer files, or a version that cannot read them
+        hint = ("The folder needs the tokenizer files it was released with (tokenizer.model / tokenizer.json and "
+                "tokenizer_config.json).")
+        if not (src / "tokenizer.json").is_file() and (src / "tokenizer.model").is_file():
+            import importlib.util
+            if importlib.util.find_spec("sentencepiece") is None:
+                hint = ("Its LLaMA tokenizer is a SentencePiece tokenizer.model (LLaVA saves the slow tokenizer): "
+                        "pip install sentencepiece, then convert again; the converted folder gets a tokenizer.json "
+                        "and no longer needs it.")
+        raise LayoutError(f"could not read the tokenizer in {src}: {type(exc).__name__}: "
+                          f"{str(exc).rstrip('.')}. {hint}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
     if llava_layout.IMAGE_TOKEN in tokenizer.get_vocab():
@@ -157,6 +174,7 @@ def convert(src, out, vision_tower, conversation: str | None = None, log=print) 
     if tokenizer.pad_token is None and tokenizer.unk_token is not None:
         tokenizer.pad_token = tokenizer.unk_token  # LLMGA's training pads with unk
     rows = max(int(config["vocab_size"]), image_token_id + 1)
+    processor = _processor(clip, tokenizer, config, vision, mode)  # before any weight is written: fail early
 
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
@@ -201,7 +219,7 @@ def convert(src, out, vision_tower, conversation: str | None = None, log=print) 
         (partial / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if (src / "generation_config.json").is_file():
             shutil.copyfile(src / "generation_config.json", partial / "generation_config.json")
-        _processor(clip, tokenizer, config, vision, mode).save_pretrained(str(partial))
+        processor.save_pretrained(str(partial))
         (partial / "CONVERTED_FROM.json").write_text(json.dumps(
             {"source": src.name, "source_model_type": config["model_type"], "vision_tower": tower_id,
              "vision_tower_folder": clip.name, "conversation": mode, "image_token_id": image_token_id,

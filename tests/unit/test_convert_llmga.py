@@ -108,7 +108,7 @@ def test_converted_folder_loads_with_auto_classes(built, converted):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     original = json.loads((built["src"] / "config.json").read_text())
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    assert image_id == original["vocab_size"] == model.config.image_token_id
+    assert image_id == original["vocab_size"] == model.config.image_token_index
     assert processor.image_token == "<image>" and len(processor.tokenizer) == original["vocab_size"] + 1
     from safetensors.torch import load_file
     weights = load_file(str(built["src"] / "model.safetensors"))
@@ -137,7 +137,7 @@ def test_forward_equals_the_original_layouts_definition(built, converted):
     ids = _reference_ids(AutoTokenizer.from_pretrained(str(built["src"]), local_files_only=True), prompt)
     image_at = ids.index(-200)
     patches = (56 // 14) ** 2
-    expanded = ids[:image_at] + [model.config.image_token_id] * patches + ids[image_at + 1:]
+    expanded = ids[:image_at] + [model.config.image_token_index] * patches + ids[image_at + 1:]
     assert inputs["input_ids"][0].tolist() == expanded  # the same tokens, the image spread over its patches
     with torch.no_grad():
         logits = model(**inputs).logits[0]
@@ -267,6 +267,12 @@ def test_clear_errors_for_bad_input(built, tmp_path, capsys):
     (linear / "config.json").write_text(json.dumps(dict(config, mm_projector_type="linear")))
     with pytest.raises(LayoutError, match="mm_projector_type='linear'"):
         convert_llmga.convert(linear, tmp_path / "e", clip, **QUIET)
+    no_tokenizer = tmp_path / "llmga-no-tokenizer"
+    shutil.copytree(src, no_tokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (no_tokenizer / name).unlink()
+    with pytest.raises(LayoutError, match="(?s)could not read the tokenizer in .*tokenizer files it was released with"):
+        convert_llmga.convert(no_tokenizer, tmp_path / "g", clip, **QUIET)
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
     assert convert_llmga.main([str(src), str(tmp_path / "f"), "--vision-tower", str(tmp_path / "no-clip")]) == 2
     assert "is not a folder" in capsys.readouterr().err
