@@ -16,6 +16,12 @@ Deviation: the new `<image>` rows are the mean of the existing rows (transformer
 around the mean; the mean is deterministic). The embedding row is never read (image features replace it); the LM
 head row gives `<image>` an average logit.
 
+Deviation (tokenization, measured with a SentencePiece LLaMA tokenizer, not in the suite: it needs sentencepiece):
+LLMGA tokenizes the text between `<image>` tokens chunk by chunk, so each chunk after an image starts with LLaMA's
+"▁" prefix piece. The converted tokenizer splits on the added `<image>` token instead; with a tokenizer saved with
+`legacy: true` the ids are identical, with `legacy: false` the one "▁" piece after each `<image>` is absent (as in
+transformers' own llava-hf conversions). Text-only prompts and multi-turn `<s>` separators are identical either way.
+
 Weights are read from .safetensors, or from .bin files only through torch.load(weights_only=True); they are written
 as .safetensors only, one output shard per input shard, into OUT.partial, renamed to OUT when complete.
 """
