@@ -228,6 +228,46 @@ def test_the_mistral_release_converts_with_its_conversation(built, tmp_path):
         assert torch.isfinite(model(**inputs).logits).all()
 
 
+def _converted_weights(folder):
+    from safetensors.torch import load_file
+    weights = {}
+    for shard in sorted(Path(folder).glob("model-*.safetensors")):
+        weights.update(load_file(str(shard)))
+    return weights
+
+
+def test_a_full_clip_model_folder_gives_the_same_tower(built, tmp_path):
+    # The hub's openai/clip-vit-large-patch14-336 is a CLIPModel (text side too): only its vision side is taken.
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModel
+    vision = CLIPVisionModel.from_pretrained(str(built["clip"]), local_files_only=True)
+    text = dict(vocab_size=99, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    full = CLIPModel(CLIPConfig(text_config=text, vision_config=vision.config.to_dict(), projection_dim=16))
+    tower = getattr(vision, "vision_model", vision)  # 5.x flattens CLIPVisionModel
+    full.vision_model.load_state_dict(tower.state_dict())
+    folder = tmp_path / "clip-full"
+    full.save_pretrained(folder)
+    CLIPImageProcessor.from_pretrained(str(built["clip"])).save_pretrained(folder)
+    out = convert_llmga.convert(built["src"], tmp_path / "with-full-clip", folder, **QUIET)
+    ours, reference = _converted_weights(out), _converted_weights(built["out"])
+    assert sorted(ours) == sorted(reference) and all(torch.equal(ours[k], reference[k]) for k in reference)
+    assert not any("text_model" in k or "projection" in k.split(".")[-2] for k in ours)
+
+
+def test_a_tower_trained_into_the_checkpoint_wins_over_the_clip_folder(built, tmp_path):
+    from safetensors.torch import load_file, save_file
+    src = tmp_path / "llmga-llama-2-7b-chat-own-tower"
+    shutil.copytree(built["src"], src)
+    weights = load_file(str(src / "model.safetensors"))
+    tower = {k: v for k, v in load_file(str(built["clip"] / "model.safetensors")).items()}
+    own = {"model.vision_tower.vision_tower.vision_model." + k.removeprefix("vision_model."): v * 0.5
+           for k, v in tower.items()}
+    save_file({**weights, **own}, str(src / "model.safetensors"))
+    out = _converted_weights(convert_llmga.convert(src, tmp_path / "own-tower", built["clip"], **QUIET))
+    name = "vision_tower.vision_model.embeddings.patch_embedding.weight"
+    source = next(v for k, v in own.items() if k.endswith("embeddings.patch_embedding.weight"))
+    assert torch.equal(out[name], source)
+
+
 def test_bin_weights_load_only_through_weights_only(built, tmp_path):
     from safetensors.torch import load_file
     src = tmp_path / "llmga-llama-2-7b-chat-bin"
