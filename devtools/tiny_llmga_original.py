@@ -107,8 +107,10 @@ def build_original(folder: Path, seed: int = 0, *, model_type: str = "llava_llam
         lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(text_type, **text_fields)).eval()
         random_init(lm, tok, seed=seed, eos_ids=(2,))
         generator = torch.Generator().manual_seed(seed + 2)
-        projector = {"model.mm_projector.0.weight": (TEXT_HIDDEN, mm_hidden), "model.mm_projector.0.bias": (TEXT_HIDDEN,),
-                     "model.mm_projector.2.weight": (TEXT_HIDDEN, TEXT_HIDDEN), "model.mm_projector.2.bias": (TEXT_HIDDEN,)}
+        projector = {"model.mm_projector.0.weight": (TEXT_HIDDEN, mm_hidden),
+                     "model.mm_projector.0.bias": (TEXT_HIDDEN,),
+                     "model.mm_projector.2.weight": (TEXT_HIDDEN, TEXT_HIDDEN),
+                     "model.mm_projector.2.bias": (TEXT_HIDDEN,)}
         weights = {k: v.detach().clone().contiguous() for k, v in lm.state_dict().items()}
         weights.update({k: torch.randn(shape, generator=generator) * 0.2 for k, shape in projector.items()})
     assert all(k.startswith("model.") or k == "lm_head.weight" for k in weights), sorted(weights)[:5]

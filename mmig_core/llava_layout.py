@@ -245,8 +245,8 @@ def chat_template(mode: str) -> str:
     Messages are transformers' chat messages; an image item renders `<image>` followed by a newline, as LLMGA's CLIs
     write `DEFAULT_IMAGE_TOKEN + "\\n" + text` (unless the text after it already starts with one, as the pack's
     own task sentences do: either way the text is LLMGA's). A `system` message replaces the mode's system prompt.
-    No BOS: the tokenizer adds it, as `tokenizer_image_token` does. Multi-turn LLAMA_2 prompts keep LLMGA's literal `<s>` before
-    later [INST] turns and the `<<SYS>>` block even when the system prompt is empty (mistral_instruct), since the
+    No BOS: the tokenizer adds it, as `tokenizer_image_token` does. Multi-turn LLAMA_2 prompts keep LLMGA's literal
+    `<s>` before later [INST] turns and the `<<SYS>>` block even when the system prompt is empty (mistral_instruct), since the
     released models were trained on exactly that text."""
     if mode not in CONVERSATIONS:
         raise LayoutError(f"conversation mode {mode!r} has no chat template here; known: {', '.join(CONVERSATIONS)}")
@@ -267,7 +267,8 @@ def chat_template(mode: str) -> str:
                "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
                "{% endmacro %}")
     head = (content + "{% set system = " + lit(conv["system"]) + " %}{% set msgs = messages %}"
-            "{% if messages and messages[0]['role'] == 'system' %}{% set system = " + lit(header) + " + content(messages[0]) %}"
+            "{% if messages and messages[0]['role'] == 'system' %}"
+            "{% set system = " + lit(header) + " + content(messages[0]) %}"
             "{% set msgs = messages[1:] %}{% endif %}"
             "{% set user = " + lit(conv["roles"][0]) + " %}{% set assistant = " + lit(conv["roles"][1]) + " %}"
             "{% set sep = " + lit(conv["sep"]) + " %}{% set sep2 = " + lit(conv["sep2"]) + " %}")

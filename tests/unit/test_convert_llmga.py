@@ -83,7 +83,8 @@ def _reference_logits(src, clip_folder, pixel_values, ids):
 
     config = json.loads((src / "config.json").read_text())
     weights = load_file(str(src / "model.safetensors"))
-    fields = {k: v for k, v in config.items() if (k not in llava_layout.LLAVA_ONLY_FIELDS or k == "vocab_size") and v is not None}
+    fields = {k: v for k, v in config.items()
+              if (k not in llava_layout.LLAVA_ONLY_FIELDS or k == "vocab_size") and v is not None}
     lm = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **fields)).eval()
     lm.load_state_dict({k: v for k, v in weights.items() if "mm_projector" not in k}, strict=True)
     tower = CLIPVisionModel.from_pretrained(str(clip_folder), local_files_only=True).eval()
@@ -178,7 +179,8 @@ def test_a_newline_after_the_image_is_not_doubled(converted):
     # adds the newline only where the text does not bring one, so both spellings give LLMGA's text.
     _, processor, _ = converted
     case = RENDERED["rendered"]["llava_llama_2"][0]
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nGenerate a similar image."}]}]
+    text = {"type": "text", "text": "\nGenerate a similar image."}
+    messages = [{"role": "user", "content": [{"type": "image"}, text]}]
     assert processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
         case["reference_prompt"]
 
