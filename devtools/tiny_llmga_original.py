@@ -131,7 +131,12 @@ def build(out: Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_builder(build, "tiny LLMGA (original LLaVA layout) + tiny CLIP tower", __doc__.splitlines()[0], argv)
+    def build_and_list(out: Path, seed: int = 0) -> Path:
+        build(out, seed)
+        for name in (ORIGINAL_NAME, CLIP_NAME):
+            print(f"  {Path(out) / name}")
+        return Path(out) / ORIGINAL_NAME  # the size printed is the checkpoint's
+    run_builder(build_and_list, "tiny LLMGA (original LLaVA layout) + tiny CLIP tower", __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
