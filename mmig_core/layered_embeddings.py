@@ -79,6 +79,12 @@ def optimise_layered_embeddings(predict_noise, latent: torch.Tensor, mask: torch
     with the reference's background."""
     if steps < 1:
         raise LayeredInputError("steps must be at least 1.")
+    if check_interrupt is not None:
+        unchecked = predict_noise
+
+        def predict_noise(*args, **kwargs):  # before every UNet forward (probes, steps, recombination)
+            check_interrupt()
+            return unchecked(*args, **kwargs)
     gen = torch.Generator().manual_seed(seed)
     latent, mask = latent.detach().float(), mask.detach().float()
     sigmas = sigmas.detach().float().flatten()
