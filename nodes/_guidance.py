@@ -20,6 +20,7 @@ import torch
 
 from ..mmig_core import astar
 from ..mmig_core.astar import ConceptError, describe_tokens, resolve_concepts
+from ..mmig_core.interrupt import interruptible
 
 log = logging.getLogger("mmig.astar")
 COND = 0  # the host's marker for the conditional chunk of a batch
@@ -102,9 +103,9 @@ class AStarGuidance:
         """input_scale(sigma [B]) -> [B, 1, 1, 1]: the host's x -> UNet-input factor (z = s * x).
         progress(sigma) -> float in [0, 1]: how far through the training schedule the noise level is
         (the step-size schedule's fallback on hosts that do not tell the sampler's sigmas).
-        check_interrupt(): raises when the user cancelled; called at every hooked attention layer and before every
-        backward, since a refinement step runs up to max_refine_iters guided passes between two of the sampler's
-        own checks."""
+        check_interrupt(): raises when the user cancelled; called at every hooked attention layer and at every
+        module forward and every tensor the guided passes save or read back (mmig_core.interrupt), since a refinement step runs up to
+        max_refine_iters guided forward + backward passes between two of the sampler's own checks."""
         self.settings = settings
         self.check_interrupt = check_interrupt
         self.diffusion_model = diffusion_model
@@ -193,7 +194,7 @@ class AStarGuidance:
         def repeat(delta):
             return delta.repeat(n_chunks, *([1] * (delta.ndim - 1)))
 
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), interruptible(self.check_interrupt):
             astar.make_weights_differentiable(self.diffusion_model)
             rows = torch.cat([torch.arange(i * batch, (i + 1) * batch) for i in cond_chunks]).to(x.device)
             x_base, c_work, sigma_work = x.detach().clone(), _clone_tensors(c), sigma.clone()
