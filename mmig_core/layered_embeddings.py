@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .interrupt import interruptible
+
 log = logging.getLogger("mmig.layered_embeddings")
 DEFAULT_ALPHA = 0.7  # MMIG: "the weight value that describes object properties, which is 0.7"
 
@@ -106,26 +108,27 @@ def optimise_layered_embeddings(predict_noise, latent: torch.Tensor, mask: torch
             return sum(float(eq15(s, n)) for s, n in probe_draws) / max(len(probe_draws), 1)
 
     result = LayeredResult(params[0], params[1], params[0])
-    result.probe_before = probe()
-    for i in range(steps):
-        if check_interrupt is not None:
-            check_interrupt()
-        sigma, noise = draw(latent)
-        loss = eq15(sigma, noise)
-        if reference is not None:
-            loss = loss + _recombination_loss(predict_noise, latent, mask, reference, params, alpha, sigma, noise,
-                                              draw, context)
-        if not torch.isfinite(loss):
-            log.warning("LayeredEmbeddings: NaN/Inf loss at step %d; step skipped.", i)
-            result.skipped_steps += 1
-        else:
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            result.losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(i)
-    result.probe_after = probe()
+    with interruptible(check_interrupt):  # checks inside each forward and backward, not only between steps
+        result.probe_before = probe()
+        for i in range(steps):
+            if check_interrupt is not None:
+                check_interrupt()
+            sigma, noise = draw(latent)
+            loss = eq15(sigma, noise)
+            if reference is not None:
+                loss = loss + _recombination_loss(predict_noise, latent, mask, reference, params, alpha, sigma, noise,
+                                                  draw, context)
+            if not torch.isfinite(loss):
+                log.warning("LayeredEmbeddings: NaN/Inf loss at step %d; step skipped.", i)
+                result.skipped_steps += 1
+            else:
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                result.losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(i)
+        result.probe_after = probe()
     e_a_hat, e_b_hat = (p.detach() for p in params)
     result.e_a, result.e_b, result.e_opt = e_a_hat, e_b_hat, blend(e_a_hat, e_b_hat, alpha)
     return result

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .model_files import ModelFilesError, check_safetensors_values, save_safetensors_atomic
+from .model_files import ModelFilesError, load_safetensors_checked, save_safetensors_atomic
 
 LDM_PREFIX = "diffusion_model."
 # SDXL's UNet: up levels 0 and 1 (the two deepest) have transformers, so their upsampler sits at index 2.
@@ -313,17 +313,16 @@ def match_lora(state_dict: dict, model_shapes: dict, table: dict | None = None) 
 
 def load_lora_file(path) -> tuple[dict, dict]:
     """(tensors, metadata) of a .safetensors LoRA; a clear error for anything else or a corrupt file."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ModelFilesError(f"{path.name}: LoRA files are read as .safetensors only (no pickles); convert "
                               f"it, e.g. with safetensors.torch.save_file.")
     # An integer LoRA would merge as garbage and a NaN one gives NaN images: refuse both, naming the tensor.
-    metadata = check_safetensors_values(path, integer_scalars=(".alpha",))
     try:
-        return load_file(str(path)), metadata
-    except Exception as e:  # noqa: BLE001 — any decode failure means a corrupt file
+        return load_safetensors_checked(path, integer_scalars=(".alpha",))
+    except ModelFilesError:
+        raise
+    except Exception as e:  # noqa: BLE001 — any other decode failure means a corrupt file
         raise ModelFilesError(f"{path} could not be read as safetensors ({e}); download it again.") from None
 
 

@@ -131,9 +131,7 @@ def read_config_metadata(path: str | os.PathLike, *, file_format: str, what: str
 def load_weights_exactly(module, path: str | os.PathLike):
     """Load a safetensors file into `module`: every tensor present, none extra, every shape right, or an
     error naming them (the file does not belong to the config it was built from)."""
-    from safetensors.torch import load_file
-    check_safetensors_values(path)
-    state = load_file(str(path))
+    state, _metadata = load_safetensors_checked(path)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -145,42 +143,22 @@ def load_weights_exactly(module, path: str | os.PathLike):
     return module
 
 
-def _finite_bits():
-    """{dtype: (unsigned view, bits without the sign, the smallest non-finite pattern)}: a float is NaN or Inf
-    exactly when its bits without the sign are at least the all-ones exponent (float8_e4m3fn has NaN only)."""
-    import numpy as np
-    import torch
-    table = {torch.float16: (torch.int16, np.uint16, 0x7FFF, 0x7C00),
-             torch.bfloat16: (torch.int16, np.uint16, 0x7FFF, 0x7F80),
-             torch.float32: (torch.int32, np.uint32, 0x7FFF_FFFF, 0x7F80_0000),
-             torch.float64: (torch.int64, np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000)}
-    for name, smallest in (("float8_e4m3fn", 0x7F), ("float8_e5m2", 0x7C)):
-        if hasattr(torch, name):
-            table[getattr(torch, name)] = (torch.uint8, np.uint8, 0x7F, smallest)
-    return table
-
-
-_FINITE_BITS = None
-_CHUNK = 1 << 20  # elements per pass: the temporary stays in the cache
+# torch float dtype -> its safetensors name, for the bit-pattern check (_SAFETENSORS_FLOATS)
+_TORCH_FLOATS = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64", "float8_e4m3fn": "F8_E4M3",
+                 "float8_e5m2": "F8_E5M2"}
 
 
 def _all_finite(tensor) -> bool:
-    """True when no element is NaN or +-Inf: one read of the tensor's bits (several GB/s, no temporary the size
-    of the tensor), where torch.isfinite would be 10-40x slower on the CPU."""
-    import numpy as np
+    """True when no element is NaN or +-Inf: two max reductions over the tensor's bits (_values_bad; no temporary),
+    where torch.isfinite would be 10-40x slower on the CPU."""
     import torch
-    global _FINITE_BITS
-    if _FINITE_BITS is None:
-        _FINITE_BITS = _finite_bits()
-    bits = _FINITE_BITS.get(tensor.dtype)
-    if bits is None or tensor.device.type != "cpu":
+    name = _TORCH_FLOATS.get(str(tensor.dtype).removeprefix("torch."))
+    if name is None or tensor.device.type != "cpu":
         return bool(torch.isfinite(tensor.detach().float()).all())
-    torch_view, numpy_view, magnitude, smallest = bits
-    flat = tensor.detach().contiguous().view(torch_view).numpy().view(numpy_view).reshape(-1)
-    for start in range(0, flat.size, _CHUNK):
-        if np.bitwise_and(flat[start:start + _CHUNK], numpy_view(magnitude)).max(initial=0) >= smallest:
-            return False
-    return True
+    if tensor.numel() == 0:
+        return True
+    data = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()
+    return not _values_bad(data, 0, data.size, *_SAFETENSORS_FLOATS[name][:3])
 
 
 def _dtype_error(source, name: str, dtype: str) -> ModelFilesError:
@@ -197,7 +175,8 @@ def _non_finite_error(source, name: str, nan: int, inf: int, numel: int) -> Mode
         f"checkpoint")
 
 
-# safetensors dtype -> (unsigned view, bits without the sign, smallest non-finite pattern, has Inf), as _finite_bits
+# safetensors dtype -> (unsigned view, bits without the sign, smallest non-finite pattern, has Inf): a float is NaN
+# or Inf exactly when its bits without the sign are at least the all-ones exponent (float8_e4m3fn has NaN only)
 _SAFETENSORS_FLOATS = {"F16": ("uint16", 0x7FFF, 0x7C00, True), "BF16": ("uint16", 0x7FFF, 0x7F80, True),
                        "F32": ("uint32", 0x7FFF_FFFF, 0x7F80_0000, True),
                        "F64": ("uint64", 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000, True),
@@ -208,11 +187,32 @@ _SAFETENSORS_NAMES = {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int
 
 def check_safetensors_values(path: str | os.PathLike, *, integer_scalars: tuple[str, ...] = ()) -> dict:
     """The file-level check_tensors of a safetensors file (its header validated too): every tensor floating point
-    and finite, else a ModelFilesError naming the file and the first bad tensor; returns the metadata. It reads
-    the file's bytes once, in place (a memory map), one pass per run of same-dtype tensors."""
-    import mmap
+    and finite, else a ModelFilesError naming the file and the first bad tensor; returns the metadata."""
+    return load_safetensors_checked(path, integer_scalars=integer_scalars)[1]
 
+
+# Bytes per read call, and per check job: a job is checked while its bytes are still in the L2/L3 cache.
+_READ_BYTES = 1 << 20
+_JOB_BYTES = 4 << 20
+# Below this many bytes the check runs inline (a thread costs more than it hides).
+_THREAD_MIN_BYTES = 16 << 20
+_TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
+                 "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                 "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool"}
+
+
+def load_safetensors_checked(path: str | os.PathLike, *, integer_scalars: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file, every tensor checked floating point (header only) and finite, else
+    a ModelFilesError naming the file and the first bad tensor (with its NaN / Inf counts). Keys ending in one of
+    `integer_scalars` may be one-element integer tensors.
+
+    The value check rides on the read: the file is read once, sequentially, into one buffer (huge pages where the
+    OS offers them: page faults cost more than the check), and each 4 MB of it is checked by its bits while still
+    in the cache, on a second thread when the file is large, so that the check hides behind the next read. Unlike
+    safetensors' own load_file, which maps the file and reads nothing until a tensor is used, this copies the whole
+    file up front; bench/loading.py measures both."""
     import numpy as np
+    import torch
     path = Path(path)
     header_len, header = _read_header(path)
     metadata = header.get("__metadata__", {}) or {}
@@ -221,45 +221,139 @@ def check_safetensors_values(path: str | os.PathLike, *, integer_scalars: tuple[
     for name, entry in entries:
         if entry["dtype"] not in _SAFETENSORS_FLOATS:
             if integer_scalars and name.endswith(integer_scalars) and math.prod(entry["shape"]) == 1 \
-                    and entry["dtype"] != "BOOL":
+                    and entry["dtype"] in _TORCH_DTYPES and entry["dtype"] != "BOOL":
                 continue
             raise _dtype_error(path, name, _SAFETENSORS_NAMES.get(entry["dtype"], entry["dtype"]))
+    for name, entry in entries:
+        begin, stop = entry["data_offsets"]
+        size = math.prod(entry["shape"]) * getattr(torch, _TORCH_DTYPES[entry["dtype"]]).itemsize
+        if not 0 <= begin <= stop or stop - begin != size:
+            raise ModelFilesError(f"{path} is not a valid safetensors file: tensor {name!r} of shape {entry['shape']} "
+                                  f"({entry['dtype']}) needs {size} bytes but its offsets give {stop - begin}; the "
+                                  f"file is corrupt, download it again.")
     data_end = max((entry["data_offsets"][1] for _, entry in entries), default=0)
-    if data_end == 0:
-        return metadata
-    with open(path, "rb") as f:  # mapped with its page table filled at once: page faults cost more than the check
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0) if hasattr(mmap, "MAP_SHARED") else 0
-        mapped = (mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ) if flags
-                  else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-    data = np.frombuffer(mapped, dtype=np.uint8, count=data_end, offset=8 + header_len)
-    i = 0
+    buffer = _allocate(data_end)
+    data = np.frombuffer(buffer, dtype=np.uint8, count=data_end)
+    jobs = _check_jobs(entries)
+    checker = _Checker(data) if data_end >= _THREAD_MIN_BYTES and (os.cpu_count() or 1) > 1 else None
+    bad_job = None
+    try:
+        with open(path, "rb", buffering=0) as f:
+            f.seek(8 + header_len)
+            view, position, next_job = memoryview(buffer), 0, 0
+            while position < data_end:
+                read = f.readinto(view[position:min(position + _READ_BYTES, data_end)])
+                if not read:
+                    raise ModelFilesError(f"{path} ended early while being read (changed on the disk?); try again.")
+                position += read
+                while next_job < len(jobs) and jobs[next_job][1] <= position:
+                    if checker is not None:
+                        checker.submit(next_job, jobs[next_job])
+                    elif bad_job is None and _values_bad(data, *jobs[next_job]):
+                        bad_job = next_job
+                    next_job += 1
+    finally:
+        if checker is not None:
+            bad_job = checker.finish()
+    if bad_job is not None:
+        _raise_first_bad(path, data, entries, jobs[bad_job])
+    base = torch.frombuffer(buffer, dtype=torch.uint8, count=data_end) if data_end else None
+    tensors = {}
+    for name, entry in entries:
+        dtype = getattr(torch, _TORCH_DTYPES[entry["dtype"]])
+        begin, stop = entry["data_offsets"]
+        if base is None or begin == stop:
+            tensors[name] = torch.empty(entry["shape"], dtype=dtype)
+            continue
+        raw = base[begin:stop]
+        if begin % dtype.itemsize:  # a tensor off its alignment (writers other than safetensors'): copied
+            raw = torch.empty(entry["shape"], dtype=dtype).view(-1).view(torch.uint8).copy_(raw)
+        tensors[name] = raw.view(dtype).view(entry["shape"])
+    return tensors, metadata
+
+
+def _allocate(size: int):
+    """A writable zeroed buffer of `size` bytes: anonymous memory with huge pages where available."""
+    import mmap
+    if hasattr(mmap, "MAP_ANONYMOUS"):
+        buffer = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            buffer.madvise(mmap.MADV_HUGEPAGE)
+        return buffer
+    return bytearray(max(size, 1))
+
+
+def _check_jobs(entries) -> list:
+    """(begin, end, bits view, magnitude, smallest) pieces of at most _JOB_BYTES over the file's runs of
+    same-dtype float tensors stored back to back."""
+    jobs, i = [], 0
     while i < len(entries):
         dtype, j = entries[i][1]["dtype"], i
         while (j + 1 < len(entries) and entries[j + 1][1]["dtype"] == dtype
                and entries[j + 1][1]["data_offsets"][0] == entries[j][1]["data_offsets"][1]):
             j += 1
         if dtype in _SAFETENSORS_FLOATS:
-            _check_run(path, data, entries[i:j + 1], *_SAFETENSORS_FLOATS[dtype])
+            view, magnitude, smallest, _ = _SAFETENSORS_FLOATS[dtype]
+            begin, end = entries[i][1]["data_offsets"][0], entries[j][1]["data_offsets"][1]
+            for start in range(begin, end, _JOB_BYTES):  # _JOB_BYTES is a multiple of every item size
+                jobs.append((start, min(end, start + _JOB_BYTES), view, magnitude, smallest))
         i = j + 1
-    return metadata
+    return jobs
 
 
-def _check_run(path, data, run, view: str, magnitude: int, smallest: int, has_inf: bool) -> None:
-    """One pass over tensors stored back to back with one float dtype; on a bad value, name its tensor."""
+def _values_bad(data, begin: int, end: int, view: str, magnitude: int, smallest: int) -> bool:
+    """True when data[begin:end] (as `view` integers) holds a NaN/Inf bit pattern, its bits without the sign at
+    least `smallest`: read as signed integers, a positive one is >= smallest; as unsigned, a negative one is >=
+    smallest with the sign bit. Two plain max reductions: no temporary, SIMD in numpy, and numpy releases the GIL,
+    so a second thread checks while the first reads."""
+    unsigned = data[begin:end].view(view)
+    sign = magnitude + 1
+    return bool(unsigned.max(initial=0) >= (smallest | sign)
+                or unsigned.view(unsigned.dtype.str.replace("u", "i")).max(initial=0) >= smallest)
+
+
+class _Checker:
+    """Checks submitted jobs on one background thread; finish() gives the lowest bad job index (or None)."""
+
+    def __init__(self, data):
+        import queue
+        import threading
+        self.data, self.bad, self.queue = data, [], queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="mmig-weights-check", daemon=True)
+        self.thread.start()
+
+    def submit(self, index: int, job) -> None:
+        self.queue.put((index, job))
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            index, job = item
+            if not self.bad and _values_bad(self.data, *job):
+                self.bad.append(index)
+
+    def finish(self):
+        self.queue.put(None)
+        self.thread.join()
+        return min(self.bad) if self.bad else None
+
+
+def _raise_first_bad(path, data, entries, job) -> None:
+    """Name the first tensor holding a NaN/Inf, from the first bad job on (the bytes before it were clean)."""
     import numpy as np
+    begin_job, _, view, magnitude, smallest = job
     unsigned = np.dtype(view).type
-    start, end = run[0][1]["data_offsets"][0], run[-1][1]["data_offsets"][1]
-    values = data[start:end].view(unsigned)
-    for first in range(0, values.size, _CHUNK):
-        if np.bitwise_and(values[first:first + _CHUNK], unsigned(magnitude)).max(initial=0) < smallest:
+    has_inf = next(v[3] for v in _SAFETENSORS_FLOATS.values() if v[:3] == (view, magnitude, smallest))
+    for name, entry in entries:
+        begin, stop = entry["data_offsets"]
+        if stop <= begin_job or entry["dtype"] not in _SAFETENSORS_FLOATS \
+                or _SAFETENSORS_FLOATS[entry["dtype"]][:3] != (view, magnitude, smallest):
             continue
-        for name, entry in run:
-            begin, stop = entry["data_offsets"]
-            bits = np.bitwise_and(data[begin:stop].view(unsigned), unsigned(magnitude))
-            bad = bits >= smallest
-            if bad.any():
-                inf = int((bits == smallest).sum()) if has_inf else 0
-                raise _non_finite_error(path, name, int(bad.sum()) - inf, inf, bits.size)
+        bits = np.bitwise_and(data[begin:stop].view(unsigned), unsigned(magnitude))
+        bad = bits >= smallest
+        if bad.any():
+            inf = int((bits == smallest).sum()) if has_inf else 0
+            raise _non_finite_error(path, name, int(bad.sum()) - inf, inf, bits.size)
+    raise AssertionError("a check job was bad but no tensor in it is")  # unreachable: the job lies in tensors
 
 
 def check_tensors(state: dict, source, *, integer_scalars: tuple[str, ...] = ()) -> dict:

@@ -20,6 +20,7 @@ import torch
 
 from ..mmig_core import astar
 from ..mmig_core.astar import ConceptError, describe_tokens, resolve_concepts
+from ..mmig_core.interrupt import interruptible
 
 log = logging.getLogger("mmig.astar")
 COND = 0  # the host's marker for the conditional chunk of a batch
@@ -97,11 +98,16 @@ class _Run:
 
 
 class AStarGuidance:
-    def __init__(self, settings: AStarSettings, diffusion_model: torch.nn.Module, input_scale, progress):
+    def __init__(self, settings: AStarSettings, diffusion_model: torch.nn.Module, input_scale, progress,
+                 check_interrupt=None):
         """input_scale(sigma [B]) -> [B, 1, 1, 1]: the host's x -> UNet-input factor (z = s * x).
         progress(sigma) -> float in [0, 1]: how far through the training schedule the noise level is
-        (the step-size schedule's fallback on hosts that do not tell the sampler's sigmas)."""
+        (the step-size schedule's fallback on hosts that do not tell the sampler's sigmas).
+        check_interrupt(): raises when the user cancelled; called at every hooked attention layer and at every
+        module forward and every tensor the guided passes save or read back (mmig_core.interrupt), since a refinement step runs up to
+        max_refine_iters guided forward + backward passes between two of the sampler's own checks."""
         self.settings = settings
+        self.check_interrupt = check_interrupt
         self.diffusion_model = diffusion_model
         self.input_scale = input_scale
         self.progress = progress
@@ -121,6 +127,8 @@ class AStarGuidance:
 
     # -- hooks ------------------------------------------------------------------------------------
     def attention_replace(self, q, k, v, extra_options):
+        if self.check_interrupt is not None:  # per layer: one guided forward can take seconds on a CPU
+            self.check_interrupt()
         heads = extra_options["n_heads"]
         if not self._capturing:
             b = q.shape[0]
@@ -186,13 +194,15 @@ class AStarGuidance:
         def repeat(delta):
             return delta.repeat(n_chunks, *([1] * (delta.ndim - 1)))
 
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), interruptible(self.check_interrupt):
             astar.make_weights_differentiable(self.diffusion_model)
             rows = torch.cat([torch.arange(i * batch, (i + 1) * batch) for i in cond_chunks]).to(x.device)
             x_base, c_work, sigma_work = x.detach().clone(), _clone_tensors(c), sigma.clone()
             scale = self.input_scale(sigma_work[:batch]).to(x_base)
 
             def evaluate(delta):
+                if self.check_interrupt is not None:
+                    self.check_interrupt()
                 x_in = (x_base + repeat(delta)).requires_grad_(True)
                 out, maps = self._forward_capturing(apply_model, x_in, sigma_work, c_work, rows)
                 return out.detach(), maps, x_in
@@ -202,6 +212,8 @@ class AStarGuidance:
                 alpha: z = s x, so grad_z = grad_x / s and x' = z' / s moves x by -alpha grad_x / s^2."""
                 if not loss.requires_grad or not torch.isfinite(loss).all():
                     return None
+                if self.check_interrupt is not None:
+                    self.check_interrupt()
                 grad_in = torch.autograd.grad(loss.sum(), x_in)[0]
                 return sum(grad_in[i * batch:(i + 1) * batch] for i in cond_chunks) / scale ** 2
 
@@ -379,9 +391,10 @@ def _clone_tensors(c: dict) -> dict:
 
 # -- the host side, duck-typed: a ComfyUI ModelPatcher and CLIP, never imported ---------------------
 
-def guided_model(model, settings: AStarSettings):
+def guided_model(model, settings: AStarSettings, check_interrupt=None):
     """A clone of the ModelPatcher `model` with the guidance hooks; returns (clone, guidance) so callers can
-    read its records. The given model is not changed."""
+    read its records. The given model is not changed. `check_interrupt` (the node passes the host's) is
+    called before each guided UNet pass."""
     patched = model.clone()
     base = patched.model
     sampling = base.model_sampling
@@ -393,7 +406,7 @@ def guided_model(model, settings: AStarSettings):
     def progress(sigma):
         return 1.0 - float(sampling.timestep(sigma.max().reshape(1)).float()) / steps_in_schedule
 
-    guidance = AStarGuidance(settings, base.diffusion_model, input_scale, progress)
+    guidance = AStarGuidance(settings, base.diffusion_model, input_scale, progress, check_interrupt)
     blocks = astar.capture_blocks(base.diffusion_model)
     if not blocks:
         raise ValueError("MMIG A-STAR Guidance needs a UNet with cross-attention (SD1.x, SDXL); this model has none.")

@@ -103,7 +103,7 @@ class MMIG_AStarGuidance:
                                  max_refine_iters=max_refine_iters, mode=mode,
                                  refine_thresholds=parse_float_list(refine_thresholds, "refine_thresholds"),
                                  normalise_maps=normalise_maps, reuse_prediction=reuse_prediction)
-        return (guided_model(model, settings)[0],)
+        return (guided_model(model, settings, check_interrupt=_host.throw_if_interrupted)[0],)
 
 
 class MMIG_LayeredEmbeddings:

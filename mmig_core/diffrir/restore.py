@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from ..interrupt import interruptible
 from .network import DiffRIR, PriorEncoder
 
 log = logging.getLogger(__name__)
@@ -239,11 +240,12 @@ def restore_images(model: DiffRIR, generated: torch.Tensor, reference: torch.Ten
     if not soft_mask:
         mask = binarize_mask(mask)
     results = []
-    for i in range(generated.shape[0]):
-        out = restore_image(model, generated[i].permute(2, 0, 1), reference[i].permute(2, 0, 1), mask[i],
-                            tile=tile, overlap=overlap, paste_back=paste_back, seed=seed + i,
-                            check_interrupt=check_interrupt)
-        results.append(out.permute(1, 2, 0))
-        if on_image_done:
-            on_image_done(i)
+    with interruptible(check_interrupt):  # per tile below, and per module inside a large tile
+        for i in range(generated.shape[0]):
+            out = restore_image(model, generated[i].permute(2, 0, 1), reference[i].permute(2, 0, 1), mask[i],
+                                tile=tile, overlap=overlap, paste_back=paste_back, seed=seed + i,
+                                check_interrupt=check_interrupt)
+            results.append(out.permute(1, 2, 0))
+            if on_image_done:
+                on_image_done(i)
     return torch.stack(results)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..model_files import (ModelFilesError, check_safetensors_file, check_safetensors_values, check_tensors,
+from ..model_files import (ModelFilesError, check_tensors, load_safetensors_checked,
                            save_safetensors_atomic)
 from .config import DiffRIRConfig
 from .network import DiffRIR
@@ -232,10 +232,7 @@ def load_diffrir(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32)
         state = read_pth(path)
         metadata = {}
     else:
-        from safetensors.torch import load_file
-        metadata = check_safetensors_file(path)
-        check_safetensors_values(path)
-        state = load_file(str(path))
+        state, metadata = load_safetensors_checked(path)
     if CONFIG_KEY in metadata:
         try:
             config = DiffRIRConfig.from_json(metadata[CONFIG_KEY])

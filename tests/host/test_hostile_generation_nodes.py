@@ -209,3 +209,93 @@ def test_bundle_names_outside_models_mmig_are_refused(host, tiny_models, make_na
     result = host.run_graph(graph)
     assert not result.ok and "bundle_name must be the name of a folder" in result.error, result.error
     still_serves(host)
+
+
+# --- also measure: /interrupt inside the pack's own loops (A-STAR refinement, Layered Embeddings, DiffRIR tiles) --
+
+SDXL = TINY_SDXL.split("/")[-1]
+DEM_PROMPT = "a photo of a cat and a dog"
+
+
+def sdxl_graph(size=64):
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SDXL}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": DEM_PROMPT, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+    }
+
+
+def ksampler(model, positive, seed, steps=1):
+    return {"class_type": "KSampler", "inputs": {
+        "seed": seed, "steps": steps, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+        "model": model, "positive": positive, "negative": ["3", 0], "latent_image": ["4", 0]}}
+
+
+def refinement_graph(mode, max_refine_iters, seed, steps=1):
+    """A-STAR guidance refining at the first sampler step. attend_and_excite with threshold 1.0 refines
+    max_refine_iters times, all inside one step (between two of the host's own interrupt checks); a_star refines
+    while its loss falls, then guides each of the `steps`."""
+    graph = sdxl_graph()
+    extra = {"refine_thresholds": "1.0"} if mode == "attend_and_excite" else {}
+    graph["5"] = {"class_type": "MMIG_AStarGuidance", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "prompt": DEM_PROMPT, "concepts": "cat, dog", "guided_steps": steps,
+        "scale_factor": 0.001, "threshold": 0.5, "refine_at_steps": "0", "max_refine_iters": max_refine_iters,
+        "mode": mode, **extra}}
+    graph["6"] = ksampler(["5", 0], ["2", 0], seed, steps)
+    graph["7"] = {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}}
+    graph["8"] = {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}}
+    return graph
+
+
+def layered_graph(steps, seed, size=64):
+    graph = sdxl_graph(size)
+    graph["5"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": size, "height": size}}
+    graph["6"] = {"class_type": "MMIG_LayeredEmbeddings", "inputs": {
+        "model": ["1", 0], "latent": ["4", 0], "mask": ["5", 0], "foreground": ["2", 0], "background": ["3", 0],
+        "steps": steps, "learning_rate": 0.01, "alpha": 0.7, "seed": seed}}
+    graph["7"] = ksampler(["1", 0], ["6", 0], seed)
+    graph["8"] = {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}}
+    graph["9"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
+    return graph
+
+
+def diffrir_graph(size, batch=1, tile=64):
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": size, "height": size, "batch_size": batch,
+                                                      "color": next(COLORS)}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": size, "height": size, "batch_size": 1,
+                                                      "color": 0xCC8844}},
+        "3": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": size, "height": size}},
+        "4": {"class_type": "MMIG_DiffRIRLoader", "inputs": {"model_name": DIFFRIR, "dtype": "auto"}},
+        "5": {"class_type": "MMIG_DiffRIRRestore", "inputs": {
+            "diffrir": ["4", 0], "image": ["1", 0], "reference": ["2", 0], "mask": ["3", 0], "paste_back": True,
+            "tile_size": tile, "tile_overlap": 16, "seed": 0}},
+        "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}},
+    }
+
+
+def interrupted_then_runs(host, long_graph, short_graph, what):
+    """The long graph ends within 2 s of /interrupt as interrupted; the short one, of the same node, then runs."""
+    result, seconds = interrupt_while_running(host, long_graph, what)
+    assert not result.ok and "interrupted" in result.error, result.error
+    assert seconds < 2.0, f"the {what} ended {seconds:.2f} s after /interrupt"
+    result = host.run_graph(short_graph)
+    assert result.ok, result.error
+
+
+@pytest.mark.parametrize("mode", ["attend_and_excite", "a_star"])
+def test_interrupt_during_a_star_refinement_ends_the_prompt_within_two_seconds(host, mode):
+    host.run_graph(refinement_graph(mode, 1, seed=1)).check()  # the checkpoint and CLIP are now loaded
+    interrupted_then_runs(host, refinement_graph(mode, 100, seed=2, steps=1 if mode == "attend_and_excite" else 100),
+                          refinement_graph(mode, 1, seed=3), f"A-STAR {mode} refinement")
+
+
+def test_interrupt_during_layered_embeddings_ends_the_prompt_within_two_seconds(host):
+    host.run_graph(layered_graph(1, seed=1)).check()
+    interrupted_then_runs(host, layered_graph(2000, seed=2), layered_graph(1, seed=3), "Layered Embeddings")
+
+
+def test_interrupt_during_diffrir_tiling_ends_the_prompt_within_two_seconds(host):
+    host.run_graph(diffrir_graph(64)).check()  # the DiffRIR loader's output is now cached
+    interrupted_then_runs(host, diffrir_graph(2048, batch=4), diffrir_graph(64), "DiffRIR tiling")

@@ -313,3 +313,30 @@ def test_a_nan_or_out_of_range_min_matched_fraction_does_not_switch_off_the_lora
         lora.merge_lora(host_unet, state, 1.0, fraction, "LoRA x:")
     with pytest.raises(Exception, match="none of its 1 UNet modules can be applied"):
         lora.merge_lora(host_unet, state, 1.0, 0.0, "LoRA x:")
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_the_checked_reader_gives_safetensors_tensors_and_names_the_first_bad_one(tmp_path, monkeypatch, threaded):
+    # Small check jobs (64 bytes) so that tensors span several, checked on the second thread or inline.
+    monkeypatch.setattr(model_files, "_JOB_BYTES", 64)
+    monkeypatch.setattr(model_files, "_READ_BYTES", 100)
+    monkeypatch.setattr(model_files, "_THREAD_MIN_BYTES", 0 if threaded else 1 << 62)
+    state = {"a": torch.randn(300), "b": torch.randn(7, 9).half(), "c": torch.randn(33).bfloat16(),
+             "d": torch.randn(50, dtype=torch.float64), "e": torch.empty(0), "f.alpha": torch.tensor(4),
+             "g": torch.randn(3).half()}
+    save_file(state, str(tmp_path / "good.safetensors"), metadata={"k": "v"})
+    tensors, metadata = model_files.load_safetensors_checked(tmp_path / "good.safetensors", integer_scalars=(".alpha",))
+    reference = load_file(str(tmp_path / "good.safetensors"))
+    assert metadata == {"k": "v"} and set(tensors) == set(reference)
+    for name, tensor in reference.items():
+        assert tensors[name].dtype == tensor.dtype and torch.equal(tensors[name], tensor), name
+    # A NaN late in 'b' and one early in 'g' (after 'b' in the file): 'b' is named, with its own count.
+    state["b"].view(-1)[-2] = float("nan")
+    state["g"][0] = float("inf")
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ModelFilesError, match="tensor 'b' holds 1 NaN and 0 Inf values \\(of 63\\)"):
+        model_files.load_safetensors_checked(tmp_path / "bad.safetensors", integer_scalars=(".alpha",))
+    state["b"].view(-1)[-2] = 1.0
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ModelFilesError, match="tensor 'g' holds 0 NaN and 1 Inf values \\(of 3\\)"):
+        model_files.load_safetensors_checked(tmp_path / "bad.safetensors", integer_scalars=(".alpha",))
