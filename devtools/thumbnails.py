@@ -66,3 +66,27 @@ def main(names: list[str]) -> int:
                 compose(name, images).save(target, quality=85, optimize=True)
                 print(f"wrote {target.relative_to(EXAMPLES_DIR.parent)} from {len(images)} image(s)")
     return 1 if failed else 0
+
+
+ICON = EXAMPLES_DIR.parent / "docs" / "icon.png"  # [tool.comfy] Icon links to it (the registry: <= 400x400)
+
+
+def make_icon() -> Image.Image:
+    """The registry icon: the pack's name on the stage colours the example workflows use."""
+    icon = Image.new("RGB", (400, 400), (28, 28, 34))
+    draw = ImageDraw.Draw(icon)
+    for index, colour in enumerate(((63, 120, 158), (136, 170, 136), (161, 48, 155), (181, 139, 42))):
+        draw.rounded_rectangle((40 + index * 84, 250, 104 + index * 84, 330), radius=12, fill=colour)
+    draw.text((200, 150), "MMIG", fill=(240, 240, 240), anchor="mm", font=ImageFont.load_default(size=110))
+    draw.text((200, 222), "multimodal image generation", fill=(170, 170, 180), anchor="mm",
+              font=ImageFont.load_default(size=22))
+    return icon
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["icon"]:
+        ICON.parent.mkdir(exist_ok=True)
+        make_icon().save(ICON, optimize=True)
+        print(f"wrote {ICON.relative_to(EXAMPLES_DIR.parent)}")
+    else:
+        sys.exit(main(sys.argv[1:]))
