@@ -181,3 +181,25 @@ def test_tools_read_both_combo_forms_and_control_widgets():
     # combo value, its control and filter list; seed without control; noise_seed with its control.
     assert sampler["widgets_values"] == ["big-vlm", "b", "fixed", "", 3, 4, "fixed"]
     assert validate_ui(ui, object_info) == []
+
+
+def test_template_browser_route_lists_every_example_with_its_thumbnail(host):
+    # The route the Template Browser reads (hosts since late 2024): pack folder -> template names, and
+    # each template's .json and .jpg served beside it.
+    import urllib.error
+    import urllib.request
+    try:
+        listing = host.get("/workflow_templates")
+    except urllib.error.HTTPError as error:
+        if error.code != 404:
+            raise
+        pytest.skip("this host has no Template Browser route (e.g. the pinned 2024-03 host); "
+                    "set COMFYUI_PATH to a newer ComfyUI to check it")
+    from devtools.host import PACK_DIR_NAME
+    assert sorted(listing[PACK_DIR_NAME]) == NAMES
+    for name in NAMES:
+        base = f"{host.url}/api/workflow_templates/{PACK_DIR_NAME}/{name}"
+        with urllib.request.urlopen(f"{base}.json", timeout=30) as response:
+            assert json.loads(response.read()) == _ui(name)
+        with urllib.request.urlopen(f"{base}.jpg", timeout=30) as response:
+            assert response.read(3) == b"\xff\xd8\xff", f"{name}.jpg is not a JPEG"
