@@ -288,13 +288,19 @@ def migrate_legacy() -> list[str]:
     its UI twin is rebuilt from the API twin, so nothing of the old one is kept.
     """
     moved = []
+    WORKFLOWS_DIR.mkdir(parents=True, exist_ok=True)
     for api_file in sorted(LEGACY_DIR.glob("*.api.json")):
         name = api_file.name.removesuffix(".api.json")
-        WORKFLOWS_DIR.mkdir(parents=True, exist_ok=True)
         api_file.replace(WORKFLOWS_DIR / api_file.name)
         (LEGACY_DIR / f"{name}.json").unlink(missing_ok=True)
         moved.append(name)
-    return moved
+    for path in sorted(LEGACY_DIR.glob("*.json")):
+        # An API-format graph saved as plain <name>.json (no twin): it is the API twin.
+        graph = json.loads(path.read_text())
+        if "nodes" not in graph and all(isinstance(n, dict) and "class_type" in n for n in graph.values()):
+            path.replace(WORKFLOWS_DIR / f"{path.stem}.api.json")
+            moved.append(path.stem)
+    return sorted(moved)
 
 
 def build_example(name: str, object_info: dict) -> dict:
@@ -322,6 +328,9 @@ def _main_regenerate() -> int:
     with HostServer([ensure_tiny_models()], with_tiny_support=True) as host:
         for path in regenerate(host.object_info()):
             print(f"wrote {path.relative_to(REPO_ROOT)}")
+    for name in workflow_names():
+        if not (EXAMPLES_DIR / f"{name}.jpg").is_file():
+            print(f"note: example_workflows/{name}.jpg missing: run `python -m devtools.workflows thumbnails {name}`")
     stale = sorted(set(example_names()) - set(workflow_names()))
     for name in stale:
         print(f"warning: example_workflows/{name}.json has no API twin in workflows/api/", file=sys.stderr)
@@ -330,7 +339,7 @@ def _main_regenerate() -> int:
 
 def main(argv: list[str]) -> int:
     """`python -m devtools.workflows regenerate`: move old-layout twins, rebuild every UI workflow.
-    `python -m devtools.workflows thumbnails [name...]`: run each on the tiny models, write its .jpg."""
+    `python -m devtools.workflows thumbnails [--reuse] [name...]`: run each on the tiny models, write its .jpg."""
     if argv[:1] == ["regenerate"]:
         return _main_regenerate()
     if argv[:1] == ["thumbnails"]:

@@ -105,11 +105,15 @@ def test_regenerate_moves_a_workflow_written_in_the_old_layout(tmp_path, monkeyp
     legacy, api_dir = tmp_path / "workflows", tmp_path / "workflows" / "api"
     legacy.mkdir()
     (legacy / "new_one.api.json").write_text("{}")
-    (legacy / "new_one.json").write_text("{}")
+    (legacy / "new_one.json").write_text('{"nodes": [], "links": []}')
+    graph = {"1": {"class_type": "EmptyImage", "inputs": {}}}
+    (legacy / "api_only.json").write_text(json.dumps(graph))  # an API graph saved without .api
     monkeypatch.setattr(workflows, "LEGACY_DIR", legacy)
     monkeypatch.setattr(workflows, "WORKFLOWS_DIR", api_dir)
-    assert workflows.migrate_legacy() == ["new_one"]
-    assert sorted(p.name for p in legacy.iterdir()) == ["api"] and (api_dir / "new_one.api.json").is_file()
+    assert workflows.migrate_legacy() == ["api_only", "new_one"]
+    assert sorted(p.name for p in legacy.iterdir()) == ["api"]
+    assert sorted(p.name for p in api_dir.iterdir()) == ["api_only.api.json", "new_one.api.json"]
+    assert json.loads((api_dir / "api_only.api.json").read_text()) == graph
 
 
 def test_validator_catches_broken_graphs(host):
