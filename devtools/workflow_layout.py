@@ -91,7 +91,7 @@ def _stages(name: str, api: dict, object_info: dict) -> list[tuple[str, str, lis
     return [s for s in (("Models", "models", loaders), ("Graph", "generate", rest)) if s[2]]
 
 
-def _note_text(name: str, ui: dict, models: list[dict]) -> str:
+def _note_text(name: str, ui: dict, models: list[dict], object_info: dict) -> str:
     spec = SPECS.get(name, {})
     lines = [spec.get("summary", name.replace("_", " ")), "", "Models: put each in ComfyUI/models/<folder>/"]
     for m in models:
@@ -99,9 +99,10 @@ def _note_text(name: str, ui: dict, models: list[dict]) -> str:
         lines.append(f"- {m['name']} ({kind}) -> models/{m['directory']}/  from {m['url']}")
     lines += ["", "The pack's nodes here:"]
     for node_type in sorted({n["type"] for n in ui["nodes"] if n["type"] in NODE_BLURBS}):
-        lines.append(f"- {node_type.replace('MMIG_', 'MMIG ')}: {NODE_BLURBS[node_type]}")
-    lines += ["", f"Without weights: make run WORKFLOW=workflows/{name}.json OUT=out/{name} TINY=1 "
-              "(in the pack's folder) swaps in tiny random models."]
+        title = object_info[node_type].get("display_name") or node_type
+        lines.append(f"- {title}: {NODE_BLURBS[node_type]}")
+    lines += ["", f"Without weights, in a git clone of the pack: make run WORKFLOW=workflows/{name}.json "
+              f"OUT=out/{name} TINY=1 runs it on tiny random models."]
     return "\n".join(lines)
 
 
@@ -131,7 +132,7 @@ def lay_out(name: str, ui: dict, api: dict, object_info: dict) -> dict:
             if entry["name"] not in seen:
                 seen.add(entry["name"])
                 models.append(entry)
-    note_text = _note_text(name, ui, models)
+    note_text = _note_text(name, ui, models, object_info)
     note_size = _note_size(note_text)
 
     parents = {n: [int(v[0]) for v in api[str(n)]["inputs"].values() if isinstance(v, list)] for n in nodes}
