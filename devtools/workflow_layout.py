@@ -218,7 +218,8 @@ def layout_problems(ui: dict, object_info: dict | None = None) -> list[str]:
         if object_info is not None and node["type"] in object_info:
             need = node_size(node, object_info[node["type"]])
             if node["size"][0] < need[0] or node["size"][1] < need[1]:
-                problems.append(f"node {node['id']} saved at {node['size']}, smaller than {need}")
+                problems.append(f"node {node['id']} saved at {node['size']}, smaller than {need} (did the node "
+                                f"gain inputs? run `python -m devtools.workflows regenerate`)")
     by_id = {n["id"]: n for n in nodes}
     for link in ui["links"]:
         src, dst = by_id[link[1]], by_id[link[3]]
