@@ -1,7 +1,7 @@
 # ComfyUI-MMIG developer commands. Each target runs its own idempotent set-up first.
 #   make test                       the whole suite (unit tests and tests against a real ComfyUI server)
 #   make demo                       the flagship workflow, headless; prints where its outputs went
-#   make run WORKFLOW=workflows/<name>.json OUT=<dir> [TINY=1]
+#   make run WORKFLOW=workflows/<name>.json OUT=<dir> [TINY=1]   (the API twin workflows/api/<name>.api.json)
 #   make bench                      every benchmark; results in .cache/bench/<name>.json
 # COMFYUI_PATH=/path/to/ComfyUI makes all of them use that ComfyUI instead of the pinned one.
 SHELL := /bin/bash

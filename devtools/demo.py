@@ -35,7 +35,8 @@ def main() -> int:
                   f"See README.md, 'Models', for where real weights go.")
         else:
             print("demo: using the real weights in the host's model folders")
-        print(f"demo: running workflows/{FLAGSHIP}.json through ComfyUI at {host.host}")
+        print(f"demo: running workflows/api/{FLAGSHIP}.api.json (example_workflows/{FLAGSHIP}.json in the "
+              f"frontend) through ComfyUI at {host.host}")
         code, files = run_workflow(host, api, tiny=tiny, log=print)
         if code:
             print(host.log_tail(40), file=sys.stderr)

@@ -2,6 +2,9 @@
 
     python -m devtools.run --workflow workflows/<name>.json --out <dir> [--tiny]
 
+`workflows/<name>.json`, `example_workflows/<name>.json`, a bare `<name>` or any `*.api.json` file:
+the pack's own names resolve to the API twin in `workflows/api/`.
+
 Exit 0 when every output node wrote its outputs; otherwise the host's error is printed and the
 exit code is 1 (2 when the graph does not fit the host's nodes).
 """
@@ -94,7 +97,7 @@ def run_workflow(host: HostServer, api: dict, *, tiny: bool, log=print) -> tuple
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workflow", required=True, help="workflows/<name>.json or its .api.json twin")
+    parser.add_argument("--workflow", required=True, help="workflows/<name>.json, example_workflows/<name>.json, <name>, or an .api.json file")
     parser.add_argument("--out", required=True, help="output folder for the host's outputs")
     parser.add_argument("--tiny", action="store_true", help="swap every model for the tiny demo models")
     args = parser.parse_args(argv)

@@ -1,8 +1,12 @@
 """The two formats of a workflow, and checks of both against a running host's /object_info.
 
-`workflows/<name>.api.json` is the API format (what /prompt takes); `workflows/<name>.json` is the
-UI format the ComfyUI frontend loads (nodes with widget values, links with types). The UI twin is
-generated from the API twin (`python -m devtools.workflows regenerate`) so the two never drift.
+`workflows/api/<name>.api.json` is the API format (what /prompt takes; `make run` runs it);
+`example_workflows/<name>.json` is the UI format the ComfyUI frontend loads, and the folder its
+Template Browser lists for a custom node pack (with `<name>.jpg` as the thumbnail). The host also
+lists any `*.json` directly in `workflows/`, so nothing but the `api/` folder lives there. The UI
+workflow is generated from the API twin (`python -m devtools.workflows regenerate`: stage groups, a
+note, sizes and the `models` list from devtools/workflow_layout.py) so the two never drift;
+`python -m devtools.workflows thumbnails` runs each on the tiny models and writes its thumbnail.
 """
 from __future__ import annotations
 
@@ -12,22 +16,34 @@ from pathlib import Path
 
 from devtools.paths import REPO_ROOT
 
-WORKFLOWS_DIR = REPO_ROOT / "workflows"
+LEGACY_DIR = REPO_ROOT / "workflows"          # where both twins lived before; `regenerate` moves them
+WORKFLOWS_DIR = LEGACY_DIR / "api"            # API twins, <name>.api.json
+EXAMPLES_DIR = REPO_ROOT / "example_workflows"  # UI workflows and thumbnails, for the Template Browser
+FRONTEND_ONLY = ("Note", "MarkdownNote")      # drawn by the frontend, never sent to the host
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 TINY_PREFIX = "mmig-tiny"
 
 
 def api_path(workflow: str | Path) -> Path:
-    """`workflows/x.json`, `workflows/x.api.json` or a bare `x` -> the API twin's path."""
+    """The API twin of a workflow named by any of its paths or by its bare name.
+
+    `workflows/x.json` (where both twins lived before), `example_workflows/x.json`, `x.api.json`
+    anywhere, or `x` -> `workflows/api/x.api.json`; an existing `.api.json` file outside the pack
+    is its own twin.
+    """
     path = Path(workflow)
-    if path.parent == Path(".") and not path.name.endswith(".json"):
-        path = WORKFLOWS_DIR / path.name
+    if path.name.endswith(".api.json") and path.is_file():
+        return path.resolve()
     name = path.name.removesuffix(".json").removesuffix(".api")
-    return path.resolve().parent / f"{name}.api.json"
+    return WORKFLOWS_DIR / f"{name}.api.json"
 
 
 def workflow_names() -> list[str]:
     return sorted(p.name.removesuffix(".api.json") for p in WORKFLOWS_DIR.glob("*.api.json"))
+
+
+def example_names() -> list[str]:
+    return sorted(p.stem for p in EXAMPLES_DIR.glob("*.json"))
 
 
 def _inputs(info: dict) -> list[tuple[str, object, dict]]:
@@ -226,6 +242,8 @@ def validate_ui(ui: dict, object_info: dict) -> list[str]:
             problems.append(f"link {link_id}: {nodes[src]['type']} {out_type} -> {nodes[dst]['type']} {in_type} "
                             f"(link says {kind})")
     for node in ui["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
         where = f"node {node['id']} ({node['type']})"
         info = object_info.get(node["type"])
         if info is None:
@@ -258,31 +276,77 @@ def ui_matches_api(ui: dict, api: dict, object_info: dict) -> list[str]:
     """Whether the UI twin is the API twin's graph (same nodes, widget values and links)."""
     expected = api_to_ui(api, object_info)
     strip = lambda g: ([(n["id"], n["type"], n["widgets_values"], [i["link"] for i in n["inputs"]]) for n in
-                        sorted(g["nodes"], key=lambda n: n["id"])], sorted(map(tuple, g["links"])))
+                        sorted(g["nodes"], key=lambda n: n["id"]) if n["type"] not in FRONTEND_ONLY],
+                       sorted(map(tuple, g["links"])))
     return [] if strip(ui) == strip(expected) else ["the UI twin differs from the API twin: regenerate it"]
+
+
+def migrate_legacy() -> list[str]:
+    """Moves `workflows/<name>.api.json` into `workflows/api/` and drops the old UI twin beside it.
+
+    A workflow written in the old layout (both twins in `workflows/`) is converted by `regenerate`;
+    its UI twin is rebuilt from the API twin, so nothing of the old one is kept.
+    """
+    moved = []
+    WORKFLOWS_DIR.mkdir(parents=True, exist_ok=True)
+    for api_file in sorted(LEGACY_DIR.glob("*.api.json")):
+        name = api_file.name.removesuffix(".api.json")
+        api_file.replace(WORKFLOWS_DIR / api_file.name)
+        (LEGACY_DIR / f"{name}.json").unlink(missing_ok=True)
+        moved.append(name)
+    for path in sorted(LEGACY_DIR.glob("*.json")):
+        # An API-format graph saved as plain <name>.json (no twin): it is the API twin.
+        graph = json.loads(path.read_text())
+        if "nodes" not in graph and all(isinstance(n, dict) and "class_type" in n for n in graph.values()):
+            path.replace(WORKFLOWS_DIR / f"{path.stem}.api.json")
+            moved.append(path.stem)
+    return sorted(moved)
+
+
+def build_example(name: str, object_info: dict) -> dict:
+    """The UI workflow of an API twin, laid out for the frontend (groups, note, models list)."""
+    from devtools.workflow_layout import lay_out
+    api = json.loads((WORKFLOWS_DIR / f"{name}.api.json").read_text())
+    return lay_out(name, api_to_ui(api, object_info), api, object_info)
 
 
 def regenerate(object_info: dict) -> list[Path]:
     written = []
+    EXAMPLES_DIR.mkdir(exist_ok=True)
     for name in workflow_names():
-        api = json.loads((WORKFLOWS_DIR / f"{name}.api.json").read_text())
-        ui_path = WORKFLOWS_DIR / f"{name}.json"
-        ui_path.write_text(json.dumps(api_to_ui(api, object_info), indent=1) + "\n")
+        ui_path = EXAMPLES_DIR / f"{name}.json"
+        ui_path.write_text(json.dumps(build_example(name, object_info), indent=1) + "\n")
         written.append(ui_path)
     return written
 
 
-def main(argv: list[str]) -> int:
-    """`python -m devtools.workflows regenerate`: rewrite every UI twin from its API twin."""
-    if argv[:1] != ["regenerate"]:
-        print(main.__doc__)
-        return 2
+def _main_regenerate() -> int:
+    for name in migrate_legacy():
+        print(f"moved workflows/{name}.api.json to workflows/api/ (its old UI twin is rebuilt)")
     from devtools.host import HostServer
     from devtools.tiny_models import ensure_tiny_models
     with HostServer([ensure_tiny_models()], with_tiny_support=True) as host:
         for path in regenerate(host.object_info()):
             print(f"wrote {path.relative_to(REPO_ROOT)}")
-    return 0
+    for name in workflow_names():
+        if not (EXAMPLES_DIR / f"{name}.jpg").is_file():
+            print(f"note: example_workflows/{name}.jpg missing: run `python -m devtools.workflows thumbnails {name}`")
+    stale = sorted(set(example_names()) - set(workflow_names()))
+    for name in stale:
+        print(f"warning: example_workflows/{name}.json has no API twin in workflows/api/", file=sys.stderr)
+    return 1 if stale else 0
+
+
+def main(argv: list[str]) -> int:
+    """`python -m devtools.workflows regenerate`: move old-layout twins, rebuild every UI workflow.
+    `python -m devtools.workflows thumbnails [--reuse] [name...]`: run each on the tiny models, write its .jpg."""
+    if argv[:1] == ["regenerate"]:
+        return _main_regenerate()
+    if argv[:1] == ["thumbnails"]:
+        from devtools.thumbnails import main as thumbnails_main
+        return thumbnails_main(argv[1:])
+    print(main.__doc__)
+    return 2
 
 
 if __name__ == "__main__":

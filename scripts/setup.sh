@@ -25,8 +25,15 @@ stamp_inputs() {
 }
 
 mkdir -p .cache
+# comfy-cli (for `comfy node validate` / `comfy node pack` in tests/unit/test_registry.py) goes into its
+# own folder, not .venv: its dependencies (pydantic, typer, ...) must not move the host's. Offline,
+# setup goes on without it and that test says how to get it.
+COMFY_CLI=comfy-cli==1.23.0
+COMFY_CLI_DIR=.cache/comfy-cli
+comfy_cli_ok() { [ "$(cat "$COMFY_CLI_DIR/.installed" 2>/dev/null)" = "$COMFY_CLI" ]; }
 STAMP=.cache/setup.stamp
-if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(stamp_inputs | sha256sum)" = "$(cat "$STAMP")" ]; then
+if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(stamp_inputs | sha256sum)" = "$(cat "$STAMP")" ] \
+    && comfy_cli_ok; then
   echo "setup: up to date (.venv, host ${COMFYUI_PATH:-$PINNED_HOST_WHEEL})"
   exit 0
 fi
@@ -73,6 +80,17 @@ if grep -q -i -E '^[[:space:]]*torchaudio([^[:alnum:]_-]|$)' "$(host_requirement
   torch_version=$("$VENV/bin/python" -c "import torch; print(torch.__version__.split('+')[0])")
   $PIP install -q torchaudio "torch==$torch_version" \
     || echo "setup: note: no torchaudio for torch $torch_version here; the host's audio nodes will not load"
+fi
+
+if ! comfy_cli_ok; then
+  echo "setup: installing $COMFY_CLI into $COMFY_CLI_DIR"
+  rm -rf "$COMFY_CLI_DIR"
+  # With .venv's Python, so its compiled dependencies match the interpreter the tests run it with.
+  if $PIP install -q --target "$COMFY_CLI_DIR" "$COMFY_CLI"; then
+    echo "$COMFY_CLI" > "$COMFY_CLI_DIR/.installed"
+  else
+    echo "setup: note: could not install $COMFY_CLI (offline?); tests/unit/test_registry.py will fail" >&2
+  fi
 fi
 
 stamp_inputs | sha256sum > "$STAMP"
