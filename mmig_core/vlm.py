@@ -219,9 +219,8 @@ def _refuse_remote_code(path, raw: dict, source_hint: str) -> None:
     from transformers import CONFIG_MAPPING
     model_type = str(raw.get("model_type", ""))
     family = REMOTE_CODE_FAMILIES.get(model_type.lower())
-    remote = bool(raw.get("auto_map")) and (family is not None or model_type not in CONFIG_MAPPING)
-    if family is None and not remote:
-        return
+    if not raw.get("auto_map") or (family is None and model_type in CONFIG_MAPPING):
+        return  # transformers' own code (a converted checkpoint may keep a stale auto_map)
     family = family or model_type or "unknown"
     hint = REMOTE_CODE_HINTS.get(family, "pick a model that transformers supports natively (no auto_map in config.json)")
     raise ModelFilesError(f"The model in {path} is {family} (model_type '{model_type}'), published as remote code "
@@ -447,6 +446,13 @@ def _processor_inputs(vlm: VLM, text: str, images: list, *, to_device: bool = Tr
         raise VLMInputError(f"the {vlm.model_type} model's processor refused this prompt ({len(images)} image(s), "
                             f"sized {sizes} px after squaring): {e}. Use fewer images in one prompt, or another "
                             f"image_resolution in MMIG VLM Loader") from e
+    positions = max_positions(vlm.model.config)
+    length = inputs["input_ids"].shape[-1]
+    if images and positions is not None and length > positions:
+        raise VLMInputError(f"the prompt is {length} tokens with its {len(images)} image(s) (about "
+                            f"{vlm.tokens_per_image} tokens each), more than the {positions} positions the "
+                            f"{vlm.model_type} model takes: use fewer images in one prompt, or a lower "
+                            f"image_resolution in MMIG VLM Loader")
     if not to_device:
         return dict(inputs)
     out = {}
