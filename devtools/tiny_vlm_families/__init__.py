@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # Module names under devtools.tiny_vlm_families; a family is listed once its builder exists.
-FAMILY_MODULES: list[str] = ["gemma3", "paligemma", "mllama", "internvl"]
+FAMILY_MODULES: list[str] = ["gemma3", "paligemma", "mllama", "internvl", "mistral3"]
 
 
 def folder_name(family: str) -> str:
