@@ -117,6 +117,15 @@ def tokenizer():
     return gemma_tokenizer(ADDED_SPECIAL, NAMED_TOKENS)
 
 
+def seeded_model(model_class, config, seed: int):
+    """`model_class(config)` in eval mode, built under a private RNG seeded with `seed`: _common.random_init draws
+    only the matrices, and some towers draw their 1-D parameters at construction (SigLIP's MLP biases)."""
+    import torch
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_class(config).eval()
+
+
 def named_tokens(tok, named: dict) -> None:
     """Named model-specific special tokens (tokenizer.image_token ...), saved in tokenizer_config.json as
     `extra_special_tokens`, as the real multimodal tokenizers hold them (4.48+ and 5.x)."""
@@ -139,7 +148,7 @@ def build(folder: Path, seed: int = 0) -> Path:
     config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=TOKENS_PER_IMAGE,
                           boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
                           image_token_index=ids("<image_soft_token>"), tie_word_embeddings=True)
-    model = Gemma3ForConditionalGeneration(config).eval()
+    model = seeded_model(Gemma3ForConditionalGeneration, config, seed)
     _common.random_init(model, tok, seed=seed, eos_ids=(ids("<eos>"), ids("<end_of_turn>")))
     image_processor = Gemma3ImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=2,
                                            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],

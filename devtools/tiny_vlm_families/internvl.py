@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import _common
+from .gemma3 import named_tokens, seeded_model
 
 FAMILY = "internvl"
 MODEL_TYPE = "internvl"
@@ -69,7 +70,6 @@ FACTS = {
 
 def tokenizer():
     from transformers import Qwen2TokenizerFast
-    from .gemma3 import named_tokens
     tok = _common.train_tokenizer(base_special=BASE_SPECIAL, added_special=ADDED_SPECIAL, bos=None,
                                   eos="<|im_end|>", pad="<|endoftext|>", tokenizer_class=Qwen2TokenizerFast)
     named_tokens(tok, NAMED_TOKENS)
@@ -105,7 +105,7 @@ def build(folder: Path, seed: int = 0) -> Path:
                   image_size=[IMAGE_SIZE, IMAGE_SIZE], patch_size=[PATCH, PATCH], use_absolute_position_embeddings=True)
     config = config_class(text_config=text, vision_config=vision, image_token_id=ids("<IMG_CONTEXT>"),
                           image_seq_length=TOKENS_PER_TILE, downsample_ratio=0.5, tie_word_embeddings=True)
-    model = model_class(config).eval()
+    model = seeded_model(model_class, config, seed)
     _common.random_init(model, tok, seed=seed, eos_ids=(ids("<|im_end|>"),))
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import _common
+from .gemma3 import seeded_model
 
 FAMILY = "mistral3"
 MODEL_TYPE = "mistral3"
@@ -114,7 +115,7 @@ def build(folder: Path, seed: int = 0) -> Path:
     config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=ids("[IMG]"),
                             spatial_merge_size=MERGE, vision_feature_layer=-1, multimodal_projector_bias=False,
                             tie_word_embeddings=False)
-    model = Mistral3ForConditionalGeneration(config).eval()
+    model = seeded_model(Mistral3ForConditionalGeneration, config, seed)
     _common.random_init(model, tok, seed=seed, eos_ids=(ids("</s>"),))
     image_processor = PixtralImageProcessor(size={"longest_edge": LONGEST_EDGE},
                                             patch_size={"height": PATCH, "width": PATCH})

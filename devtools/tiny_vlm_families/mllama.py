@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import _common
+from .gemma3 import seeded_model
 
 FAMILY = "mllama"
 MODEL_TYPE = "mllama"
@@ -189,7 +190,7 @@ def build(folder: Path, seed: int = 0) -> Path:
                   attention_heads=2, image_size=TILE, patch_size=PATCH, max_num_tiles=MAX_TILES,
                   intermediate_layers_indices=[0, 1], vision_output_dim=32 * 3)
     config = MllamaConfig(text_config=text, vision_config=vision, image_token_index=image_id)
-    model = MllamaForConditionalGeneration(config).eval()
+    model = seeded_model(MllamaForConditionalGeneration, config, seed)
     eos = tuple(config.text_config.eos_token_id)
     _common.random_init(model, tok, seed=seed, eos_ids=eos)
     image_processor = MllamaImageProcessor(size={"height": TILE, "width": TILE}, max_image_tiles=MAX_TILES,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import _common
-from .gemma3 import gemma_tokenizer
+from .gemma3 import gemma_tokenizer, seeded_model
 
 FAMILY = "paligemma"
 MODEL_TYPE = "paligemma"
@@ -58,7 +58,7 @@ def build(folder: Path, seed: int = 0) -> Path:
                   image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=TEXT_HIDDEN, vision_use_head=False)
     config = PaliGemmaConfig(text_config=text, vision_config=vision, image_token_index=ids(IMAGE_TOKEN),
                              projection_dim=TEXT_HIDDEN, hidden_size=TEXT_HIDDEN, vocab_size=len(tok))
-    model = PaliGemmaForConditionalGeneration(config).eval()
+    model = seeded_model(PaliGemmaForConditionalGeneration, config, seed)
     _common.random_init(model, tok, seed=seed, eos_ids=(ids("<eos>"),))
     with torch.no_grad():  # random responses stay words: no <locNNNN>/<segNNN> from the random head
         model.get_output_embeddings().weight[ids(EXTRA_TOKENS[0]):ids(EXTRA_TOKENS[-1]) + 1].zero_()
