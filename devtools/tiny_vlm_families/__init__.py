@@ -22,7 +22,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # Module names under devtools.tiny_vlm_families; a family is listed once its builder exists.
 FAMILY_MODULES: list[str] = ["idefics3", "smolvlm", "llava", "llava_next", "llava_onevision", "qwen2_vl",
-                             "qwen2_5_vl", "qwen3_vl"]
+                             "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "mllama", "internvl", "mistral3"]
 
 
 def folder_name(family: str) -> str:
