@@ -160,10 +160,19 @@ def image_plan(config, image_processor, requested: int) -> ImagePlan:
                          note=f"{side} px: {(side // tile) ** 2} tile(s) of {tile} px")
     if "longest_edge" in size and "shortest_edge" not in size and getattr(image_processor, "patch_size", None):
         step = patch * int(getattr(vision, "spatial_merge_size", None) or getattr(config, "spatial_merge_size", 1) or 1)
+        largest = min(size["longest_edge"], native or size["longest_edge"])
         if requested <= 0:
-            return ImagePlan("longest edge", 0, {}, note=f"the processor's own size (up to {size['longest_edge']} px)")
-        side = min(max(requested // step * step, step), size["longest_edge"])
+            return ImagePlan("longest edge", 0, {}, note=f"the processor's own size (up to {largest} px)")
+        side = min(max(requested // step * step, step), largest // step * step)
         return ImagePlan("longest edge", side, {"size": {"longest_edge": side}}, note=f"{side} px")
+    if getattr(image_processor, "max_patches", None) and hasattr(image_processor, "crop_to_patches") and native:
+        # InternVL: fixed tiles of the tower's size; R chooses how many (a k x k grid plus a thumbnail)
+        most = int(image_processor.max_patches)
+        if requested <= 0:
+            return ImagePlan("tiles", 0, {}, note=f"the processor's own tiling ({native} px tiles, up to {most})")
+        k = max(1, min(requested // native, int(math.sqrt(most))))
+        return ImagePlan("tiles", k * native, {"crop_to_patches": k > 1, "max_patches": max(1, k * k)},
+                         pre_resize=k * native, note=f"{k * native} px: {k}x{k} tile(s) of {native} px")
     if hasattr(image_processor, "do_image_splitting") and native:
         side = native if requested <= 0 else min(requested, native)
         side = max(patch, side // patch * patch)
@@ -233,28 +242,35 @@ def _missing_package(e: BaseException) -> str | None:
     return next((name for name in OPTIONAL_PACKAGES if name in text), None)
 
 
-def image_placeholder(processor, fallback: str) -> str:
-    """What the chat template writes for one image (e.g. Qwen's "<|vision_start|><|image_pad|><|vision_end|>",
-    LLaVA's "<image>\n"): the difference between a rendered turn with and without an image."""
-    template = getattr(processor, "chat_template", None)
-    if not template:
-        return fallback
-    marker = "MMIGTEXTMARK"
-    try:
-        plain, with_image = (processor.apply_chat_template(
-            [{"role": "user", "content": [*extra, {"type": "text", "text": marker}]}], add_generation_prompt=False)
-            for extra in ([], [{"type": "image"}]))
-    except Exception:  # noqa: BLE001 - a template that needs more than one turn: the bare token still works
-        return fallback
+def _inserted(before: str, after: str) -> str:
+    """The text `after` has where `before` has none (common prefix and suffix removed)."""
     start = 0
-    while start < min(len(plain), len(with_image)) and plain[start] == with_image[start]:
+    while start < min(len(before), len(after)) and before[start] == after[start]:
         start += 1
     end = 0
-    while (end < min(len(plain), len(with_image)) - start and plain[len(plain) - 1 - end] ==
-           with_image[len(with_image) - 1 - end]):
+    while end < min(len(before), len(after)) - start and before[-1 - end] == after[-1 - end]:
         end += 1
-    found = with_image[start:len(with_image) - end]
-    return found if found.strip() and (fallback in found or fallback not in with_image) else fallback
+    return after[start:len(after) - end]
+
+
+def image_placeholder(processor, fallback: str) -> str:
+    """What the chat template writes for one image (e.g. Qwen's "<|vision_start|><|image_pad|><|vision_end|>",
+    LLaVA's "<image>\n"): what a turn with two images has more than the same turn with one (a turn without any
+    image may differ elsewhere too: Mllama writes a dated system block then)."""
+    if not getattr(processor, "chat_template", None):
+        return fallback
+
+    def render(images: int) -> str:
+        content = [{"type": "image"}] * images + [{"type": "text", "text": "MMIGTEXTMARK"}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=False)
+    for fewer, more in ((1, 2), (0, 1)):
+        try:
+            found = _inserted(render(fewer), render(more))
+        except Exception:  # noqa: BLE001 - a template that refuses this turn: try the next pair, else the bare token
+            continue
+        if found.strip():
+            return found
+    return fallback
 
 
 def image_token_id(model, processor) -> int | None:
@@ -346,8 +362,7 @@ def load_vlm(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
             attach_vlm_mm_adapters(model, adapters)
         except ValueError as e:
             raise ModelFilesError(str(e)) from None
-    placeholder = "" if prompt_format == "paligemma" else image_placeholder(
-        processor, str(getattr(processor, "image_token", None) or "<image>"))
+    placeholder = image_placeholder(processor, str(getattr(processor, "image_token", None) or "<image>"))
     vlm = VLM(model=model.eval(), processor=processor, model_type=model.config.model_type,
               image_resolution=plan.resolution, tokens_per_image=0, perceiver_dropped=drop_perceiver, images=plan,
               placeholder=placeholder, prompt_format=prompt_format)
@@ -425,6 +440,8 @@ def prompt_text_and_images(vlm: VLM, prompt: MMPrompt) -> tuple[str, list]:
             images.append(_prepare_image(vlm, prompt.images[segment]))
         else:
             text.append(_strip_image_markers(vlm, segment))
+    if vlm.prompt_format == "paligemma":  # its format has the images first, then the text
+        return vlm.placeholder * len(images) + "".join(t for t in text if t != vlm.placeholder), images
     return "".join(text), images
 
 
@@ -440,7 +457,12 @@ def _processor_inputs(vlm: VLM, text: str, images: list, *, to_device: bool = Tr
     if bos and text.startswith(str(bos)):
         kwargs["add_special_tokens"] = False  # the chat template wrote the BOS: no second one
     try:
-        inputs = vlm.processor(text=[text], return_tensors="pt", **kwargs)
+        if not images and vlm.prompt_format == "paligemma":
+            # PaliGemma's processor refuses text without images: its format for a text-only prefix
+            bos = str(vlm.processor.tokenizer.bos_token or "")
+            inputs = vlm.processor.tokenizer([bos + text + "\n"], add_special_tokens=False, return_tensors="pt")
+        else:
+            inputs = vlm.processor(text=[text], return_tensors="pt", **kwargs)
     except (ValueError, IndexError, RuntimeError) as e:
         sizes = ", ".join(f"{im.size[0]}x{im.size[1]}" for im in images) or "none"
         raise VLMInputError(f"the {vlm.model_type} model's processor refused this prompt ({len(images)} image(s), "
@@ -457,7 +479,7 @@ def _processor_inputs(vlm: VLM, text: str, images: list, *, to_device: bool = Tr
         return dict(inputs)
     out = {}
     for key, value in inputs.items():
-        if not isinstance(value, torch.Tensor):
+        if not isinstance(value, torch.Tensor) or key == "labels":  # PaliGemma's processor adds training labels
             continue
         value = value.to(vlm.device)
         out[key] = value.to(vlm.dtype) if value.is_floating_point() and key.startswith("pixel_values") else value
@@ -556,7 +578,9 @@ def _render(vlm: VLM, messages: list[dict]) -> str:
     if vlm.prompt_format == "paligemma":
         # PaliGemma takes no chat: its processor puts the image tokens and BOS first and ends the prefix with a
         # newline; turns are joined as plain lines (the system prompt, history, then the request).
-        return "\n".join(c["text"] for m in messages for c in m["content"] if c["type"] == "text").strip()
+        count = sum(c["type"] == "image" for m in messages for c in m["content"])
+        text = "\n".join(c["text"] for m in messages for c in m["content"] if c["type"] == "text").strip()
+        return vlm.placeholder * count + text
     token, parts = _image_token(vlm), []  # Idefics2's own chat format
     for m in messages:
         body = "".join(token if c["type"] == "image" else c["text"] for c in m["content"])

@@ -27,11 +27,12 @@ def _report(vlm, mm_prompt):
     leading = 0
     while bos is not None and leading < len(ids) and ids[leading] == bos:
         leading += 1
+    doubled = bos is not None and any(a == b == bos for a, b in zip(ids, ids[1:]))
     image_id = core.image_token_id(model.model, model.processor)
     plan = model.images
     return {"model_type": model.model_type, "mode": plan.mode if plan else None, "resolution": model.image_resolution,
             "tokens_per_image": model.tokens_per_image, "placeholder": model.placeholder,
-            "bos_id": bos, "leading_bos": leading, "bos_total": ids.count(bos) if bos is not None else 0,
+            "bos_id": bos, "leading_bos": leading, "doubled_bos": doubled, "bos_total": ids.count(bos) if bos is not None else 0,
             "image_tokens": ids.count(image_id) if image_id is not None else None, "hidden_size": model.hidden_size}
 
 
