@@ -563,6 +563,19 @@ def _text_message(role: str, text: str) -> dict:
     return {"role": role, "content": [{"type": "text", "text": text}]}
 
 
+def _fold_system(messages: list[dict]) -> list[dict] | None:
+    """The system prompt moved into the first user turn, for templates that refuse a system turn beside an image
+    (Mllama's); None when there is none to move."""
+    if not messages or messages[0]["role"] != "system" or len(messages) < 2:
+        return None
+    system, rest = messages[0], [dict(m) for m in messages[1:]]
+    first = next((m for m in rest if m["role"] == "user"), None)
+    if first is None:
+        return None
+    first["content"] = [*system["content"], {"type": "text", "text": "\n"}, *first["content"]]
+    return rest
+
+
 def _render(vlm: VLM, messages: list[dict]) -> str:
     if getattr(vlm.processor, "chat_template", None):
         try:
@@ -570,6 +583,11 @@ def _render(vlm: VLM, messages: list[dict]) -> str:
         except Exception as e:  # noqa: BLE001 - jinja's SecurityError/TemplateError: the file is at fault
             if not type(e).__module__.startswith("jinja2"):
                 raise
+            folded = _fold_system(messages)
+            if folded is not None and "Security" not in type(e).__name__:
+                log.info("MMIG VLM: the %s chat template refuses a system turn here (%s); the system prompt "
+                         "opens the user's turn instead", vlm.model_type, e)
+                return _render(vlm, folded)
             folder = getattr(vlm.model.config, "_name_or_path", "") or "the VLM's folder"
             raise ModelFilesError(f"The chat template of the model in {folder} (chat_template.jinja, or "
                                   f"chat_template in tokenizer_config.json / processor_config.json) cannot be "
