@@ -416,14 +416,15 @@ def _image_token(vlm: VLM) -> str:
 
 def _strip_image_markers(vlm: VLM, text: str) -> str:
     """User text cannot smuggle in image tokens: the processor would count them as images."""
-    for marker in {_image_token(vlm), vlm.placeholder.strip()} - {""}:
+    for marker in {_image_token(vlm), getattr(vlm, "placeholder", "").strip()} - {""}:
         text = text.replace(marker, "")
     return text
 
 
 def _prepare_image(vlm: VLM, image: torch.Tensor):
     square = square_image(image)
-    side = vlm.images.pre_resize if vlm.images is not None else None
+    plan = getattr(vlm, "images", None)  # chat_messages also serves stand-ins that carry only a processor
+    side = plan.pre_resize if plan is not None else None
     if side and square.size != (side, side):
         from PIL import Image
         square = square.resize((side, side), Image.BICUBIC)
