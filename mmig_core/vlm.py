@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from .generation import cap_new_tokens, max_positions, raise_if_stopped, stopping_criteria
+from .hf_compat import folder_family_requirement, images_kwargs, require_transformers
 from .mm_prompt import MMPrompt
 from .model_files import ModelFilesError, from_pretrained_strict, require_hf_folder
 
@@ -112,6 +113,10 @@ def load_vlm(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     language model's decoder layers.
     """
     path = require_hf_folder(folder, kind="vision-language", searched=searched, source_hint=source_hint)
+    require_transformers("The MMIG vision-language nodes")
+    needs = folder_family_requirement(path)
+    if needs:
+        raise ModelFilesError(f"Cannot load the model in {path}: {needs}")
     try:
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
@@ -200,8 +205,8 @@ def prompt_text_and_images(vlm: VLM, prompt: MMPrompt) -> tuple[str, list]:
 def _processor_inputs(vlm: VLM, text: str, images: list) -> dict:
     kwargs = {}
     if images:
-        kwargs = dict(images=[images], size={"height": vlm.image_resolution, "width": vlm.image_resolution},
-                      do_image_splitting=False)
+        kwargs = dict(images=[images], **images_kwargs(size={"height": vlm.image_resolution,
+                                                              "width": vlm.image_resolution}, do_image_splitting=False))
     inputs = vlm.processor(text=[text], return_tensors="pt", **kwargs)
     out = {}
     for key, value in inputs.items():
