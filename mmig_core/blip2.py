@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from .generation import cap_new_tokens, log, max_positions, raise_if_stopped, stopping_criteria, truncate_text_tokens
+from .hf_compat import require_transformers
 from .model_files import ModelFilesError, from_pretrained_strict, require_hf_folder
 
 SOURCE_HINT = (
@@ -44,6 +45,7 @@ def load_blip2(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, se
     (both for error messages).
     """
     path = require_hf_folder(folder, kind="BLIP-2", searched=searched, source_hint=source_hint)
+    require_transformers("The MMIG BLIP-2 nodes")
     try:
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
         model = from_pretrained_strict(Blip2ForConditionalGeneration, path, dtype)

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from .generation import cap_new_tokens, max_positions, raise_if_stopped, stopping_criteria
+from .hf_compat import folder_family_requirement, images_kwargs, require_transformers
 from .mm_prompt import MMPrompt
 from .model_files import ModelFilesError, from_pretrained_strict, require_hf_folder
 
@@ -299,9 +300,13 @@ def load_vlm(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     decoder layers.
     """
     path = require_hf_folder(folder, kind="vision-language", searched=searched, source_hint=source_hint)
+    require_transformers("The MMIG vision-language nodes")
+    _refuse_remote_code(path, _raw_config(path), source_hint)  # before the version check: no version runs it
+    needs = folder_family_requirement(path)
+    if needs:
+        raise ModelFilesError(f"Cannot load the model in {path}: {needs}")
     try:
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-        _refuse_remote_code(path, _raw_config(path), source_hint)
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except ModelFilesError:
         raise
@@ -451,7 +456,7 @@ class VLMInputError(ValueError):
 
 
 def _processor_inputs(vlm: VLM, text: str, images: list, *, to_device: bool = True) -> dict:
-    kwargs = dict(vlm.images.kwargs) if (images and vlm.images is not None) else {}
+    kwargs = images_kwargs(**vlm.images.kwargs) if (images and vlm.images is not None) else {}
     if images:
         kwargs["images"] = [images]
     bos = vlm.processor.tokenizer.bos_token
