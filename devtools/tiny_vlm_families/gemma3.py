@@ -126,10 +126,22 @@ def seeded_model(model_class, config, seed: int):
         return model_class(config).eval()
 
 
+def no_token_type_ids(tok):
+    """model_input_names = input_ids + attention_mask, saved, as the real Llama 3 / tekken tokenizer_config.json
+    has it: a plain fast tokenizer would otherwise return token_type_ids on 4.x, which generate() refuses."""
+    names = ["input_ids", "attention_mask"]
+    tok.model_input_names = names
+    tok.init_kwargs["model_input_names"] = names
+    return tok
+
+
 def named_tokens(tok, named: dict) -> None:
     """Named model-specific special tokens (tokenizer.image_token ...), saved in tokenizer_config.json as
     `extra_special_tokens`, as the real multimodal tokenizers hold them (4.48+ and 5.x)."""
     tok._set_model_specific_special_tokens(special_tokens=dict(named))
+    existing = getattr(tok, "extra_special_tokens", None)
+    if isinstance(existing, dict):  # 4.x saves this dict (5.x: a list of the added tokens; the map above is saved)
+        tok.extra_special_tokens = {**existing, **named}
     for key, value in named.items():
         assert str(getattr(tok, key)) == value and tok.convert_tokens_to_ids(value) != tok.unk_token_id, key
 
