@@ -1,9 +1,9 @@
 """Tiny Gemma 3 (google/gemma-3-4b-it's layout): a SigLIP tower with fixed position embeddings whose patch grid is
 average-pooled to `mm_tokens_per_image` soft tokens, feeding a Gemma 3 decoder (tied embeddings). The chat template
-writes an image as <start_of_image>; the processor expands it to "\\n\\n<start_of_image>" + 256 x <image_soft_token> +
-"<end_of_image>\\n\\n". Kept from the real model: the pooling structure (a square of tokens, pool kernel 4), the
-fixed position table (so the processor must resize to exactly `image_size`), BOS both in the template and added by
-the tokenizer, token_type_ids marking image rows."""
+writes an image as <start_of_image>; the processor expands it to "\\n\\n<start_of_image>" + 256 (here 16) x
+<image_soft_token> + "<end_of_image>\\n\\n". Kept from the real model: the pooling structure (a square of
+tokens, pool kernel 4), the fixed position table (so the processor must resize to exactly `image_size`), BOS both
+in the template and added by the tokenizer, token_type_ids marking image rows."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -82,7 +82,8 @@ FACTS = {
 
 def gemma_tokenizer(added_special: list[str], named: dict, *, model_max_length: int = 8192):
     """A SentencePiece-style BPE as Gemma's tokenizer.json holds it: spaces normalised to "\u2581", no
-    pre-tokenizer, byte fallback, <bos> prepended. transformers 5 rebuilds exactly these parts around the saved
+    pre-tokenizer, byte fallback on (but no <0xNN> tokens in this tiny vocabulary: a character outside printable
+    ASCII is <unk>), <bos> prepended. transformers 5 rebuilds exactly these parts around the saved
     vocabulary when it loads a GemmaTokenizer, so a byte-level vocabulary (the other families') would decode to
     garbage there; this one reads the same on 4.x and 5.x."""
     from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
