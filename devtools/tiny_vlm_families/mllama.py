@@ -195,7 +195,7 @@ def build(folder: Path, seed: int = 0) -> Path:
     # The real text vocab_size (128256) stops before <|image|>; the embedding table has vocab_size + 8 rows.
     text = dict(vocab_size=image_id, hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=3,
                 num_attention_heads=2, num_key_value_heads=1, cross_attention_layers=[1],
-                max_position_embeddings=4096, bos_token_id=ids("<|begin_of_text|>"),
+                max_position_embeddings=131072, bos_token_id=ids("<|begin_of_text|>"),
                 eos_token_id=[ids("<|end_of_text|>"), ids("<|eom_id|>"), ids("<|eot_id|>")],
                 pad_token_id=ids("<|finetune_right_pad_id|>"))
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
