@@ -1,9 +1,9 @@
 """Tiny Gemma 3 (google/gemma-3-4b-it's layout): a SigLIP tower with fixed position embeddings whose patch grid is
 average-pooled to `mm_tokens_per_image` soft tokens, feeding a Gemma 3 decoder (tied embeddings). The chat template
-writes an image as <start_of_image>; the processor expands it to "\\n\\n<start_of_image>" + 256 x <image_soft_token> +
-"<end_of_image>\\n\\n". Kept from the real model: the pooling structure (a square of tokens, pool kernel 4), the
-fixed position table (so the processor must resize to exactly `image_size`), BOS both in the template and added by
-the tokenizer, token_type_ids marking image rows."""
+writes an image as <start_of_image>; the processor expands it to "\\n\\n<start_of_image>" + 256 (here 16) x
+<image_soft_token> + "<end_of_image>\\n\\n". Kept from the real model: the pooling structure (a square of
+tokens, pool kernel 4), the fixed position table (so the processor must resize to exactly `image_size`), BOS both
+in the template and added by the tokenizer, token_type_ids marking image rows."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -82,7 +82,8 @@ FACTS = {
 
 def gemma_tokenizer(added_special: list[str], named: dict, *, model_max_length: int = 8192):
     """A SentencePiece-style BPE as Gemma's tokenizer.json holds it: spaces normalised to "\u2581", no
-    pre-tokenizer, byte fallback, <bos> prepended. transformers 5 rebuilds exactly these parts around the saved
+    pre-tokenizer, byte fallback on (but no <0xNN> tokens in this tiny vocabulary: a character outside printable
+    ASCII is <unk>), <bos> prepended. transformers 5 rebuilds exactly these parts around the saved
     vocabulary when it loads a GemmaTokenizer, so a byte-level vocabulary (the other families') would decode to
     garbage there; this one reads the same on 4.x and 5.x."""
     from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
@@ -126,10 +127,22 @@ def seeded_model(model_class, config, seed: int):
         return model_class(config).eval()
 
 
+def no_token_type_ids(tok):
+    """model_input_names = input_ids + attention_mask, saved, as the real Llama 3 / tekken tokenizer_config.json
+    has it: a plain fast tokenizer would otherwise return token_type_ids on 4.x, which generate() refuses."""
+    names = ["input_ids", "attention_mask"]
+    tok.model_input_names = names
+    tok.init_kwargs["model_input_names"] = names
+    return tok
+
+
 def named_tokens(tok, named: dict) -> None:
     """Named model-specific special tokens (tokenizer.image_token ...), saved in tokenizer_config.json as
     `extra_special_tokens`, as the real multimodal tokenizers hold them (4.48+ and 5.x)."""
     tok._set_model_specific_special_tokens(special_tokens=dict(named))
+    existing = getattr(tok, "extra_special_tokens", None)
+    if isinstance(existing, dict):  # 4.x saves this dict (5.x: a list of the added tokens; the map above is saved)
+        tok.extra_special_tokens = {**existing, **named}
     for key, value in named.items():
         assert str(getattr(tok, key)) == value and tok.convert_tokens_to_ids(value) != tok.unk_token_id, key
 

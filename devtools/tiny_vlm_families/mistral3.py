@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import _common
-from .gemma3 import seeded_model
+from .gemma3 import no_token_type_ids, seeded_model
 
 FAMILY = "mistral3"
 MODEL_TYPE = "mistral3"
@@ -96,8 +96,9 @@ FACTS = {
 def tokenizer():
     from transformers import PreTrainedTokenizerFast
     # tekken is a byte-level BPE (tiktoken); the real folder's tokenizer.json loads as a fast tokenizer too.
-    return _common.train_tokenizer(base_special=BASE_SPECIAL, added_special=[], bos="<s>", eos="</s>", unk="<unk>",
-                                   pad="<pad>", prepend_bos=True, tokenizer_class=PreTrainedTokenizerFast)
+    tok = _common.train_tokenizer(base_special=BASE_SPECIAL, added_special=[], bos="<s>", eos="</s>", unk="<unk>",
+                                  pad="<pad>", prepend_bos=True, tokenizer_class=PreTrainedTokenizerFast)
+    return no_token_type_ids(tok)
 
 
 def build(folder: Path, seed: int = 0) -> Path:

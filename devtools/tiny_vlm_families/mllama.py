@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import _common
-from .gemma3 import seeded_model
+from .gemma3 import no_token_type_ids, seeded_model
 
 FAMILY = "mllama"
 MODEL_TYPE = "mllama"
@@ -168,9 +168,21 @@ FACTS = {
 
 def tokenizer():
     from transformers import PreTrainedTokenizerFast
-    return _common.train_tokenizer(base_special=BASE_SPECIAL, added_special=ADDED_SPECIAL,
-                                   bos="<|begin_of_text|>", eos="<|eot_id|>", pad="<|finetune_right_pad_id|>",
-                                   prepend_bos=True, tokenizer_class=PreTrainedTokenizerFast)
+    tok = _common.train_tokenizer(base_special=BASE_SPECIAL, added_special=ADDED_SPECIAL, bos="<|begin_of_text|>",
+                                  eos="<|eot_id|>", pad="<|finetune_right_pad_id|>", prepend_bos=True,
+                                  tokenizer_class=PreTrainedTokenizerFast)
+    return no_token_type_ids(tok)
+
+
+def rope_config() -> dict:
+    """Llama 3.1's scaled RoPE, as the real text config has it: 4.x names it rope_scaling + rope_theta (and
+    MllamaTextConfig needs it), 5.x rope_parameters."""
+    import transformers
+    scaling = {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+               "original_max_position_embeddings": 8192}
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return {"rope_parameters": {**scaling, "rope_theta": 500000.0}}
+    return {"rope_scaling": scaling, "rope_theta": 500000.0}
 
 
 def build(folder: Path, seed: int = 0) -> Path:
@@ -183,12 +195,13 @@ def build(folder: Path, seed: int = 0) -> Path:
     # The real text vocab_size (128256) stops before <|image|>; the embedding table has vocab_size + 8 rows.
     text = dict(vocab_size=image_id, hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=3,
                 num_attention_heads=2, num_key_value_heads=1, cross_attention_layers=[1],
-                max_position_embeddings=4096, bos_token_id=ids("<|begin_of_text|>"),
+                max_position_embeddings=131072, bos_token_id=ids("<|begin_of_text|>"),
                 eos_token_id=[ids("<|end_of_text|>"), ids("<|eom_id|>"), ids("<|eot_id|>")],
                 pad_token_id=ids("<|finetune_right_pad_id|>"))
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
                   attention_heads=2, image_size=TILE, patch_size=PATCH, max_num_tiles=MAX_TILES,
                   intermediate_layers_indices=[0, 1], vision_output_dim=32 * 3)
+    text.update(rope_config())
     config = MllamaConfig(text_config=text, vision_config=vision, image_token_index=image_id)
     model = seeded_model(MllamaForConditionalGeneration, config, seed)
     eos = tuple(config.text_config.eos_token_id)

@@ -32,6 +32,7 @@ FACTS = {
     "bos_in_template": True,                       # the processor writes "<bos>" text after the image tokens
     "native_size": IMAGE_SIZE, "real_native_size": 224, "fixed_position_embeddings": True,
     "per_token_inputs": ["token_type_ids"],       # 0 on the prefix (prompt), 1 on a suffix; also returns labels
+    "per_token_inputs_need_suffix_before": "5.0",  # 4.x returns token_type_ids (and labels) only with a suffix
     "resolution_kwargs": {"size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}},
     "needs_images": True,                          # the processor refuses a text without images
 }

@@ -29,6 +29,11 @@ def family(request, tmp_path_factory):
     """(module, folder, model, processor) of one family, built once for the module."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     module = family_module(request.param)
+    needed = module.FACTS.get("min_transformers")
+    if needed and _version() < tuple(int(x) for x in needed.split(".")):
+        with pytest.raises(RuntimeError, match=f">= {needed}"):  # the builder names the version it needs
+            module.build(tmp_path_factory.mktemp(request.param) / "too-old")
+        pytest.skip(f"{module.MODEL_TYPE} exists in transformers >= {needed}")
     folder = module.build(tmp_path_factory.mktemp(request.param) / folder_name(module.FAMILY), seed=0)
     model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True).eval()
     processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
@@ -49,6 +54,15 @@ def _inputs(module, processor, image=None, **kwargs):
                        **kwargs)
     inputs.pop("labels", None)  # PaliGemma's processor adds training labels
     return inputs
+
+
+def _version() -> tuple[int, int]:
+    import transformers
+    return tuple(int(x) for x in transformers.__version__.split(".")[:2])
+
+
+def transformers_major() -> int:
+    return _version()[0]
 
 
 def _image_token_id(module, processor):
@@ -116,16 +130,21 @@ def test_image_tokens_and_per_token_inputs(family):
         assert one_tile["pixel_values"].shape[0] == 1
         assert one_tile["input_ids"][0].tolist().count(_image_token_id(module, processor)) == facts["tokens_per_tile"]
     elif module.MODEL_TYPE == "mistral3":  # dynamic: one [IMG] per merged patch, rows closed by break/end
-        height, width = inputs["image_sizes"][0].tolist()
-        step = module.PATCH * module.MERGE
-        rows, cols = -(-height // step), -(-width // step)
-        assert max(height, width) <= module.LONGEST_EDGE and count == rows * cols <= facts["max_tokens_per_image"]
         tok = processor.tokenizer
-        assert ids.count(tok.convert_tokens_to_ids("[IMG_BREAK]")) == rows - 1
+        rows = ids.count(tok.convert_tokens_to_ids("[IMG_BREAK]")) + 1
         assert ids.count(tok.convert_tokens_to_ids("[IMG_END]")) == 1
+        assert max(inputs["image_sizes"][0].tolist()) <= module.LONGEST_EDGE
+        assert count % rows == 0 and 0 < count <= facts["max_tokens_per_image"]
+        # (how a non-multiple side rounds differs across versions); a square at the longest edge fills the budget
+        square = _inputs(module, processor, image=_image(module.LONGEST_EDGE, module.LONGEST_EDGE))
+        side = module.LONGEST_EDGE // (module.PATCH * module.MERGE)
+        assert square["input_ids"][0].tolist().count(_image_token_id(module, processor)) == side * side
     else:
         assert count == facts["tokens_per_image"]
     for key in facts["per_token_inputs"]:
+        if key not in inputs and "per_token_inputs_need_suffix_before" in facts:
+            assert transformers_major() < int(facts["per_token_inputs_need_suffix_before"].split(".")[0])
+            continue
         assert inputs[key].shape[:2] == inputs["input_ids"].shape
     if module.MODEL_TYPE in ("gemma3", "paligemma"):  # a fixed-size tower: resized to exactly its image_size
         assert inputs["pixel_values"].shape[-2:] == (facts["native_size"],) * 2
