@@ -190,7 +190,8 @@ def image_plan(config, image_processor, requested: int) -> ImagePlan:
 
 def text_decoder(model):
     """The language model's decoder stack (the module holding `.layers`), wherever the family keeps it."""
-    for path in ("model.text_model", "model.language_model", "language_model", "model"):
+    # 5.x / >= 4.52 layouts first, then 4.x's (LLaVA's language_model was a CausalLM there)
+    for path in ("model.text_model", "model.language_model", "language_model", "model", "language_model.model"):
         module = model
         for name in path.split("."):
             module = getattr(module, name, None)
@@ -388,11 +389,11 @@ def measure_tokens_per_image(vlm: VLM) -> int:
     """The image tokens one square image becomes in the language model's input, counted in the processor's
     output (tiling processors add a grid's worth; the count is for a MUMU_RESOLUTION px square where the
     processor sizes images itself)."""
-    from PIL import Image
     token_id = image_token_id(vlm.model, vlm.processor)
     side = vlm.image_resolution or MUMU_RESOLUTION
-    try:
-        inputs = _processor_inputs(vlm, vlm.placeholder or "", [Image.new("RGB", (side, side))], to_device=False)
+    try:  # the path a prompt's image takes (squared, resized where the plan says so)
+        image = _prepare_image(vlm, torch.zeros(side, side, 3))
+        inputs = _processor_inputs(vlm, vlm.placeholder or "", [image], to_device=False)
     except Exception as e:  # noqa: BLE001 - the count is informative; a real prompt reports its own error
         log.warning("MMIG VLM: could not count the tokens per image of %s: %s", vlm.model_type, e)
         return 0
@@ -497,13 +498,28 @@ def prompt_inputs(vlm: VLM, prompt: MMPrompt) -> dict:
     return _processor_inputs(vlm, *prompt_text_and_images(vlm, prompt))
 
 
-def _base_model(model):
-    return model.model if hasattr(model, "model") else model
+def _one_logit(model) -> dict:
+    """Ask for the last position's logits only, where the forward can (the hidden states are what is wanted)."""
+    import inspect
+    names = inspect.signature(model.forward).parameters
+    return next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in names), {})
 
 
 def trainable_hidden_states(vlm: VLM, inputs: dict) -> torch.Tensor:
-    """`hidden_states` with gradients (MUMU training back-propagates into the VLM's LoRA)."""
-    return _base_model(vlm.model)(**inputs, use_cache=False).last_hidden_state
+    """`hidden_states` with gradients (MUMU training back-propagates into the VLM's LoRA).
+
+    The full model runs (every family and transformers version wires its vision tower in its own forward); the
+    language model's decoder output (after its final norm) is taken as it passes, by a forward hook."""
+    captured = []
+
+    def keep(_module, _args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+    handle = text_decoder(vlm.model).register_forward_hook(keep)
+    try:
+        vlm.model(**inputs, use_cache=False, **_one_logit(vlm.model))
+    finally:
+        handle.remove()
+    return captured[-1]
 
 
 @torch.no_grad()

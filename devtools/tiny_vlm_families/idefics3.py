@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import _common
+from .gemma3 import no_token_type_ids
 
 FAMILY = "idefics3"
 MODEL_TYPE = "idefics3"
@@ -49,6 +50,7 @@ def build(folder: Path, seed: int = 0) -> Path:
     tok = _common.train_tokenizer(base_special=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
                                   added_special=IMAGE_TOKENS, bos="<|begin_of_text|>", eos="<|end_of_text|>",
                                   pad="<|eot_id|>", prepend_bos=True)
+    no_token_type_ids(tok)
     config = Idefics3Config(vision_config=vision(), text_config=text(tok, "<|begin_of_text|>", "<|end_of_text|>",
                                                                      "<|eot_id|>"),
                             scale_factor=SCALE, image_token_id=tok.convert_tokens_to_ids("<image>"),

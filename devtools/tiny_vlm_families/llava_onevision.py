@@ -27,8 +27,9 @@ CHAT_TEMPLATE = (
 
 def build(folder: Path, seed: int = 0) -> Path:
     from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor,
-                              Qwen2TokenizerFast)
+                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, Qwen2TokenizerFast)
+
+    from .qwen2_vl import video_processor_kwargs
     tok = _common.train_tokenizer(base_special=qwen2_vl.BASE_SPECIAL, added_special=["<|im_start|>", "<|im_end|>",
                                                                                       "<image>", "<video>"],
                                   bos=None, eos="<|im_end|>", pad="<|endoftext|>", tokenizer_class=Qwen2TokenizerFast)
@@ -47,8 +48,9 @@ def build(folder: Path, seed: int = 0) -> Path:
     norm = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
     image_processor = LlavaOnevisionImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                                                    image_grid_pinpoints=GRID_PINPOINTS, **norm)
-    video_processor = LlavaOnevisionVideoProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **norm)
-    processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
+    video = video_processor_kwargs("LlavaOnevisionVideoProcessor", size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                   **norm)
+    processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tok,
                                         num_image_tokens=(IMAGE_SIZE // PATCH) ** 2,
-                                        vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE)
+                                        vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE, **video)
     return _common.save(model, processor, folder)

@@ -53,26 +53,42 @@ def special_ids(tok) -> dict:
                 vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
 
 
-def processors(tok, image_processor_class, video_processor_class, *, patch=PATCH, merge=MERGE):
-    """The image and video processors with the tiny pixel budget: 32x32 px (4 tokens) .. 64x64 px (16 tokens)."""
+def video_processor_kwargs(name: str, **kwargs) -> dict:
+    """{"video_processor": transformers.<name>(**kwargs)} where this transformers has the class (4.52 and newer);
+    older processors take no video processor."""
+    import transformers
+    cls = getattr(transformers, name, None)
+    return {"video_processor": cls(**kwargs)} if cls is not None else {}
+
+
+def processors(tok, image_processor_class, video_processor_name: str, *, patch=PATCH, merge=MERGE):
+    """The image processor with the tiny pixel budget, 32x32 px (4 tokens) .. 64x64 px (16 tokens), and the
+    processor kwargs of the matching video processor."""
     factor = patch * merge
-    kwargs = dict(patch_size=patch, merge_size=merge, temporal_patch_size=2,
-                  size={"shortest_edge": (2 * factor) ** 2, "longest_edge": (4 * factor) ** 2},
+    low, high = (2 * factor) ** 2, (4 * factor) ** 2
+    # min_pixels / max_pixels as well: 4.x's init takes the budget from them, over `size`
+    kwargs = dict(patch_size=patch, merge_size=merge, temporal_patch_size=2, min_pixels=low, max_pixels=high,
+                  size={"shortest_edge": low, "longest_edge": high},
                   image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
-    return image_processor_class(**kwargs), video_processor_class(**kwargs)
+    return image_processor_class(**kwargs), video_processor_kwargs(video_processor_name, **kwargs)
+
+
+def make_config(config_class, vision: dict, text: dict, ids: dict):
+    """Nested (text_config, 5.x and >= 4.52) or flat (the text fields at the top, 4.50-4.51), as the installed
+    release lays the config out."""
+    if "text_config" in getattr(config_class, "sub_configs", {}):
+        return config_class(vision_config=vision, text_config=text, tie_word_embeddings=False, **ids)
+    return config_class(vision_config=vision, tie_word_embeddings=False, **{**text, **ids})
 
 
 def build(folder: Path, seed: int = 0) -> Path:
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
-                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
     tok = tokenizer()
-    config = Qwen2VLConfig(
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=TEXT_HIDDEN, num_heads=2, mlp_ratio=2,
-                           patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2),
-        text_config=text_config(tok), tie_word_embeddings=False, **special_ids(tok))
+    config = make_config(Qwen2VLConfig, dict(depth=1, embed_dim=32, hidden_size=TEXT_HIDDEN, num_heads=2, mlp_ratio=2,
+                                             patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2),
+                         text_config(tok), special_ids(tok))
     model = Qwen2VLForConditionalGeneration(config).eval()
-    _common.random_init(model, tok, seed=seed, eos_ids=(config.text_config.eos_token_id,))
-    image_processor, video_processor = processors(tok, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
-    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
-                                 chat_template=CHAT_TEMPLATE)
+    _common.random_init(model, tok, seed=seed, eos_ids=(config.get_text_config().eos_token_id,))
+    image_processor, video = processors(tok, Qwen2VLImageProcessor, "Qwen2VLVideoProcessor")
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE, **video)
     return _common.save(model, processor, folder)

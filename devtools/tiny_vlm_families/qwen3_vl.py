@@ -23,8 +23,7 @@ CHAT_TEMPLATE = (
 
 
 def build(folder: Path, seed: int = 0) -> Path:
-    from transformers import (Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
-                              Qwen3VLProcessor, Qwen3VLVideoProcessor)
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
     tok = qwen2_vl.tokenizer()
     text = qwen2_vl.text_config(tok, head_dim=16)
     text["rope_scaling"] = {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}
@@ -35,8 +34,6 @@ def build(folder: Path, seed: int = 0) -> Path:
         text_config=text, tie_word_embeddings=False, **qwen2_vl.special_ids(tok))
     model = Qwen3VLForConditionalGeneration(config).eval()
     _common.random_init(model, tok, seed=seed, eos_ids=(config.text_config.eos_token_id,))
-    image_processor, video_processor = qwen2_vl.processors(tok, Qwen2VLImageProcessor, Qwen3VLVideoProcessor,
-                                                           patch=PATCH)
-    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
-                                 chat_template=CHAT_TEMPLATE)
+    image_processor, video = qwen2_vl.processors(tok, Qwen2VLImageProcessor, "Qwen3VLVideoProcessor", patch=PATCH)
+    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE, **video)
     return _common.save(model, processor, folder)

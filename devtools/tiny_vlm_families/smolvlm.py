@@ -22,11 +22,13 @@ CHAT_TEMPLATE = (
 
 
 def build(folder: Path, seed: int = 0) -> Path:
-    from transformers import (SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor, SmolVLMProcessor,
-                              SmolVLMVideoProcessor)
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor, SmolVLMProcessor
+
+    from .qwen2_vl import video_processor_kwargs
     tok = _common.train_tokenizer(base_special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   added_special=idefics3.IMAGE_TOKENS, bos="<|im_start|>", eos="<end_of_utterance>",
                                   pad="<|im_end|>")
+    idefics3.no_token_type_ids(tok)
     config = SmolVLMConfig(vision_config=idefics3.vision(), text_config=idefics3.text(tok, "<|im_start|>",
                                                                                       "<end_of_utterance>", "<|im_end|>"),
                            scale_factor=idefics3.SCALE, image_token_id=tok.convert_tokens_to_ids("<image>"),
@@ -34,8 +36,12 @@ def build(folder: Path, seed: int = 0) -> Path:
     model = SmolVLMForConditionalGeneration(config).eval()
     _common.random_init(model, tok, seed=seed, eos_ids=(tok.convert_tokens_to_ids("<end_of_utterance>"),))
     kwargs = idefics3.image_processor_kwargs()
-    video = SmolVLMVideoProcessor(**{k: v for k, v in kwargs.items() if k != "do_image_splitting"})
-    processor = SmolVLMProcessor(image_processor=SmolVLMImageProcessor(**kwargs), tokenizer=tok, video_processor=video,
+    import transformers
+    if not hasattr(transformers, "SmolVLMVideoProcessor"):  # before 4.52 the image processor samples videos
+        kwargs["video_sampling"] = {"fps": 1, "max_frames": 64, "video_size": {"longest_edge": 2 * idefics3.IMAGE_SIZE}}
+    video = video_processor_kwargs("SmolVLMVideoProcessor",
+                                   **{k: v for k, v in kwargs.items() if k not in ("do_image_splitting", "video_sampling")})
+    processor = SmolVLMProcessor(image_processor=SmolVLMImageProcessor(**kwargs), tokenizer=tok,
                                  image_seq_len=(idefics3.IMAGE_SIZE // idefics3.PATCH // idefics3.SCALE) ** 2,
-                                 chat_template=CHAT_TEMPLATE)
+                                 chat_template=CHAT_TEMPLATE, **video)
     return _common.save(model, processor, folder)
