@@ -11,7 +11,8 @@ FAMILY = "smolvlm"
 MODEL_TYPE = "smolvlm"
 FACTS = {"hub_id": "HuggingFaceTB/SmolVLM2-256M-Video-Instruct", "image_token": "<image>", "bos": "<|im_start|>",
          "placeholder": "<image>", "native_size": 512, "patch_size": 16, "tokens_per_tile": 64,
-         "template_starts_with_bos": True, "needs": "num2words"}
+         "template_starts_with_bos": True, "needs": "num2words",
+         "min_transformers": "4.50"}
 
 # The released chat template, as data.
 CHAT_TEMPLATE = (
@@ -22,6 +23,9 @@ CHAT_TEMPLATE = (
 
 
 def build(folder: Path, seed: int = 0) -> Path:
+    import transformers
+    if not hasattr(transformers, "SmolVLMForConditionalGeneration"):
+        raise RuntimeError(f"the tiny SmolVLM needs transformers >= 4.50 (installed: {transformers.__version__})")
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor, SmolVLMProcessor
 
     from .qwen2_vl import video_processor_kwargs
