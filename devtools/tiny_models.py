@@ -24,6 +24,7 @@ TINY_DIFFRIR = "diffrir/mmig-tiny-diffrir.safetensors"
 TINY_LORA = "loras/mmig-tiny-lora.safetensors"
 TINY_MUMU_BUNDLE = "mmig/mmig-tiny-mumu-bundle"
 TINY_MMSM = "mmig/mmig-tiny-mmsm.safetensors"
+TINY_VLM_FAMILIES = "vlm"  # one vlm/mmig-tiny-<family> folder per devtools.tiny_vlm_families.FAMILY_MODULES
 TINY_GROUNDING_DINO = "grounding-dino/mmig-tiny-grounding-dino"  # training-only: the dataset bootstrapper
 # Each tiny model: (builder module, run as `python -m MODULE OUT_PATH`; its path under the models folder).
 # Names start with "mmig-tiny" so `make run TINY=1` can tell a tiny model in any model picker.
@@ -34,6 +35,7 @@ TINY_MODELS = [
     ("devtools.tiny_diffrir", TINY_DIFFRIR),
     ("devtools.tiny_blip2", TINY_BLIP2),
     ("devtools.tiny_idefics2", TINY_IDEFICS2),
+    ("devtools.tiny_vlm_families", TINY_VLM_FAMILIES),
     ("devtools.tiny_mumu_adapter", TINY_MUMU_ADAPTER),
     ("devtools.tiny_mmsm", TINY_MMSM),
     ("devtools.tiny_grounding_dino", TINY_GROUNDING_DINO),
@@ -42,7 +44,8 @@ TINY_MODELS = [
 _BUILDERS = ["devtools/tiny_models.py", "devtools/tiny_host_support/__init__.py", "mmig_core/diffrir/network.py",
              "mmig_core/diffrir/weights.py", "mmig_core/diffrir/config.py", "mmig_core/mumu_adapter.py",
              "mmig_core/mmsm.py", "mmig_core/lora.py", "mmig_core/mumu_bundle.py",
-             *(module.replace(".", "/") + ".py" for module, _ in TINY_MODELS)]
+             *(module.replace(".", "/") + ".py" for module, _ in TINY_MODELS),
+             *sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "devtools" / "tiny_vlm_families").glob("*.py"))]
 
 
 def _builders_hash() -> str:

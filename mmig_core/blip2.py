@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 import torch
 
-from .generation import cap_new_tokens, max_positions, raise_if_stopped, stopping_criteria, truncate_text_tokens
+from .generation import cap_new_tokens, log, max_positions, raise_if_stopped, stopping_criteria, truncate_text_tokens
+from .hf_compat import require_transformers
 from .model_files import ModelFilesError, from_pretrained_strict, require_hf_folder
 
 SOURCE_HINT = (
@@ -44,6 +45,7 @@ def load_blip2(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, se
     (both for error messages).
     """
     path = require_hf_folder(folder, kind="BLIP-2", searched=searched, source_hint=source_hint)
+    require_transformers("The MMIG BLIP-2 nodes")
     try:
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
         model = from_pretrained_strict(Blip2ForConditionalGeneration, path, dtype)
@@ -61,6 +63,26 @@ def load_blip2(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, se
     if getattr(processor, "num_query_tokens", 0) is None and getattr(model.config, "image_token_index", None):
         processor.num_query_tokens = model.config.num_query_tokens
     return Blip2Captioner(model=model.eval(), processor=processor)
+
+
+def image_token_text(processor) -> str | None:
+    """The processor's image placeholder as text. Blip2Processor holds it as a tokenizers AddedToken (which
+    `str.replace` refuses); other versions or tokenizers hold a plain str, or none at all."""
+    token = getattr(processor, "image_token", None)
+    token = getattr(token, "content", token)
+    return token if isinstance(token, str) and token else None
+
+
+def strip_image_token(processor, prompt: str) -> str:
+    """`prompt` without the image placeholder: the processor writes it (num_query_tokens of them) itself, and a
+    user-typed one would add rows the model has no query embeddings for."""
+    token = image_token_text(processor)
+    if token and token in prompt:
+        log.warning("MMIG BLIP-2 Caption: removed %r from the prompt (the image's place is set by the processor)",
+                    token)
+        prompt = prompt.replace(token, " ")
+        prompt = " ".join(prompt.split())
+    return prompt
 
 
 def _to_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -88,7 +110,8 @@ def caption_images(captioner: Blip2Captioner, images: torch.Tensor, *, max_new_t
                    stop_requested: Callable[[], bool] | None = None) -> list[str]:
     """Caption each image of a ComfyUI IMAGE batch [B,H,W,C] (C = 1, 3 or 4); returns B strings.
 
-    With `prompt` (e.g. "a photo of") each caption is that prefix and its continuation. With `do_sample`,
+    With `prompt` (e.g. "a photo of") each caption is that prefix and its continuation; an image placeholder typed
+    in it (`<image>`) is removed, as the processor places the image itself. With `do_sample`,
     image i is sampled with seed `seed + i`, so a run repeats exactly. `check_interrupt()` is called before
     and `on_image_done(i)` after each image. `stop_requested()` is polled at every generated token: once it is
     true generation ends and GenerationStopped is raised.
@@ -101,7 +124,7 @@ def caption_images(captioner: Blip2Captioner, images: torch.Tensor, *, max_new_t
     model, processor = captioner.model, captioner.processor
     device, dtype = captioner.device, captioner.dtype
     positions = max_positions(model.config)
-    prompt = prompt.strip()
+    prompt = strip_image_token(processor, prompt).strip()
     if positions is not None:
         budget = (positions - int(getattr(model.config, "num_query_tokens", 0) or 0) - 2) // 2
         prompt = truncate_text_tokens(processor.tokenizer, prompt, budget, what="MMIG BLIP-2 Caption").strip()

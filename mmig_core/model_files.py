@@ -74,12 +74,10 @@ def _read_header(path: Path) -> tuple[int, dict]:
 def from_pretrained_strict(model_class, path: str | os.PathLike, dtype):
     """`model_class.from_pretrained` from a local folder: safetensors only, no remote code, no hub, and an
     error (not a warning and random values) when the weights lack tensors of the config's model."""
-    import transformers
-    # transformers 5 names the argument `dtype`, 4.x `torch_dtype`.
-    dtype_kwarg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    from .hf_compat import dtype_kwarg
     model, info = model_class.from_pretrained(
         path, local_files_only=True, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
-        **{dtype_kwarg: dtype})
+        **{dtype_kwarg(): dtype})
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         raise ValueError(f"the safetensors weights lack {len(missing)} tensors of config.json's model "

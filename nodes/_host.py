@@ -21,8 +21,14 @@ MODEL_FOLDERS = {
 }
 
 
+# Folders other packs keep the same kind of model in: listed after the pack's own (models/LLM/ holds the VLMs of
+# the Qwen-VL / Florence-2 / JoyCaption packs).
+SHARED_FOLDERS = {"vlm": ("LLM",)}
+
+
 def register_model_folders() -> None:
-    """Add models/<kind> for each kind, keeping any paths extra_model_paths.yaml registered first."""
+    """Add models/<kind> for each kind, keeping any paths extra_model_paths.yaml registered first; then the
+    shared folders' paths (their own extra_model_paths.yaml entries included) after the kind's."""
     for name in MODEL_FOLDERS:
         default = os.path.join(folder_paths.models_dir, name)
         entry = folder_paths.folder_names_and_paths.get(name)
@@ -30,6 +36,13 @@ def register_model_folders() -> None:
             folder_paths.folder_names_and_paths[name] = ([default], set())
         elif default not in entry[0]:
             entry[0].insert(0, default)
+    for name, shared in SHARED_FOLDERS.items():
+        paths = folder_paths.folder_names_and_paths[name][0]
+        for other in shared:
+            entry = folder_paths.folder_names_and_paths.get(other)
+            for path in [*(entry[0] if entry else []), os.path.join(folder_paths.models_dir, other)]:
+                if path not in paths:
+                    paths.append(path)
 
 
 def model_search_paths(kind: str) -> list[str]:

@@ -24,9 +24,12 @@ DTYPES = (["auto", "fp32", "fp16", "bf16"], {
 
 
 class MMIG_VLMLoader:
-    DESCRIPTION = ("Loads a vision-language model (Idefics2 family) from a Hugging Face folder in ComfyUI/models/vlm/, "
-                   "under the host's memory manager. For MUMU, drop_perceiver removes Idefics2's perceiver so each "
-                   "image gives one token per patch (1024 at 448 px) instead of 64.")
+    DESCRIPTION = ("Loads a vision-language model from a Hugging Face folder in ComfyUI/models/vlm/ or "
+                   "ComfyUI/models/LLM/ (the folder other VLM packs use), under the host's memory manager: Idefics2/3, "
+                   "SmolVLM, LLaVA 1.5/NeXT/OneVision, Qwen2/2.5/3-VL, Gemma3, PaliGemma, Mllama, InternVL (-hf), "
+                   "Mistral3 and other transformers image-text-to-text models (remote-code checkpoints such as "
+                   "Florence-2 or moondream2 are refused: remote code stays off). For MUMU, drop_perceiver removes "
+                   "Idefics2's perceiver so each image gives one token per patch (1024 at 448 px) instead of 64.")
     CATEGORY = _host.CATEGORY
     RETURN_TYPES = ("MMIG_VLM",)
     RETURN_NAMES = ("vlm",)
@@ -37,8 +40,9 @@ class MMIG_VLMLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "model_name": (_host.list_hf_model_folders("vlm"), {
-                "tooltip": "A folder in ComfyUI/models/vlm/ saved with save_pretrained (config.json, processor files, "
-                           "*.safetensors), e.g. HuggingFaceM4/idefics2-8b."}),
+                "tooltip": "A folder in ComfyUI/models/vlm/ or ComfyUI/models/LLM/ saved with save_pretrained "
+                           "(config.json, processor files, *.safetensors), e.g. HuggingFaceM4/idefics2-8b or "
+                           "Qwen/Qwen2-VL-2B-Instruct."}),
             "dtype": DTYPES,
             "drop_perceiver": ("BOOLEAN", {
                 "default": False,
@@ -46,8 +50,12 @@ class MMIG_VLMLoader:
                            "token (more detail kept). Turn on for MUMU adapters; keep off to chat or describe."}),
             "image_resolution": ("INT", {
                 "default": core.MUMU_RESOLUTION, "min": 0, "max": 4096, "step": 1,
-                "tooltip": "Every image is padded to a square with black and resized to this size in px (0: the "
-                           "vision tower's own size; capped at it). 448 gives MUMU's ~1000 tokens per image."}),
+                "tooltip": "Every image is padded to a square with black and sized to this many px (0: the "
+                           "vision tower's own size), as far as the family allows: Idefics2 up to its native size; "
+                           "Qwen-VL as its pixel budget; Idefics3/SmolVLM in whole tiles; LLaVA-NeXT/OneVision through "
+                           "their tile grid; towers with fixed position embeddings (LLaVA 1.5, Gemma3, PaliGemma, "
+                           "Mllama, InternVL) take their native size only (logged). 448 gives MUMU's ~1000 tokens per "
+                           "image on Idefics2."}),
         }, "optional": {
             "mm_adapter_name": (["none"] + adapter_files(MM_ADAPTER_FORMAT), {
                 "default": "none",
@@ -94,9 +102,31 @@ class MMIG_VLMLoader:
         return (loaded,)
 
 
+def split_batches(images: dict, masks: dict) -> list[tuple[dict, dict]]:
+    """IMAGE [B, H, W, C] and MASK [B, H, W] batches -> one ({n: image}, {n: mask}) per batch item, in order; a
+    single image or mask is shared by all of them."""
+    def batch(t, dims):
+        return int(t.shape[0]) if t.dim() == dims and t.shape[0] > 1 else 1
+    sizes = {**{f"image{n}": batch(t, 4) for n, t in images.items()}, **{f"mask{n}": batch(t, 3) for n, t in masks.items()}}
+    sizes = {name: b for name, b in sizes.items() if b > 1}
+    if not sizes:
+        return [(images, masks)]
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name}: {b}" for name, b in sorted(sizes.items()))
+        raise prompts.PromptError(f"the connected batches differ in size ({listed}): give every batched image and "
+                                  f"mask the same batch size, or connect single ones")
+    count = next(iter(sizes.values()))
+
+    def pick(t, dims, i):
+        return t[i:i + 1] if batch(t, dims) > 1 else t
+    return [({n: pick(t, 4, i) for n, t in images.items()}, {n: pick(t, 3, i) for n, t in masks.items()})
+            for i in range(count)]
+
+
 class MMIG_MultimodalPrompt:
     DESCRIPTION = ("An interleaved text-and-image prompt (MUMU), e.g. 'a <image1> man and his <image2> dog'. "
                    "<imageN> places input imageN; bare <image> placeholders take the connected images in order. "
+                   "An IMAGE batch gives one prompt per image (single images are shared by all of them). "
                    "A mask cuts its object out of the background (background details otherwise leak into the "
                    "image). Chain nodes through 'previous' to batch several prompts; their order is kept.")
     CATEGORY = _host.CATEGORY
@@ -109,8 +139,9 @@ class MMIG_MultimodalPrompt:
     def INPUT_TYPES(cls):
         optional = {}
         for i in range(1, MAX_IMAGES + 1):
-            optional[f"image{i}"] = ("IMAGE", {"tooltip": f"The image placed at <image{i}> (one image; any size: "
-                                                          f"it is padded to a square and resized)."})
+            optional[f"image{i}"] = ("IMAGE", {"tooltip": f"The image placed at <image{i}> (any size: it is padded "
+                                                          f"to a square and resized). A batch gives one prompt per "
+                                                          f"image, in order."})
         for i in range(1, MAX_IMAGES + 1):
             optional[f"mask{i}"] = ("MASK", {"tooltip": f"Optional: keeps the masked object of image{i} and "
                                                         f"blackens its background."})
@@ -124,8 +155,9 @@ class MMIG_MultimodalPrompt:
     def build(self, text, previous=None, **inputs):
         images = {i: inputs[f"image{i}"] for i in range(1, MAX_IMAGES + 1) if inputs.get(f"image{i}") is not None}
         masks = {i: inputs[f"mask{i}"] for i in range(1, MAX_IMAGES + 1) if inputs.get(f"mask{i}") is not None}
-        prompt = prompts.build_prompt(text, images, masks)
-        return (tuple(previous or ()) + (prompt,),)
+        built = tuple(prompts.build_prompt(text, one_images, one_masks)
+                      for one_images, one_masks in split_batches(images, masks))
+        return (tuple(previous or ()) + built,)
 
 
 class MMIG_AdapterLoader:
@@ -222,10 +254,14 @@ class MMIG_MLLMDescribe:
     CATEGORY = _host.CATEGORY
     RETURN_TYPES = ("STRING", "STRING", "MMIG_LLM_EMBEDS")
     RETURN_NAMES = ("description", "response", "llm_embeds")
-    OUTPUT_TOOLTIPS = ("z_d: the description (in LLMGA mode, the prompt between the tags).",
-                       "The model's full response (edit task: both turns, as 'User:'/'Assistant:' lines that "
-                       "history reads).",
-                       "e_llm: the language model's hidden states over the response (for MMSM).")
+    OUTPUT_TOOLTIPS = ("z_d: the description (in LLMGA mode, the prompt between the tags). A list: one per prompt "
+                       "(an IMAGE batch in MMIG Multimodal Prompt gives one prompt per image), in order; a single "
+                       "prompt gives a list of one, which every node takes like a plain value.",
+                       "The model's full response, one per prompt (edit task: both turns, as 'User:'/'Assistant:' "
+                       "lines that history reads).",
+                       "e_llm: the language model's last hidden state for each response token (from the generation "
+                       "itself), one per prompt (for MMSM).")
+    OUTPUT_IS_LIST = (True, True, True)
     OUTPUT_NODE = True
     FUNCTION = "describe"
 
@@ -234,8 +270,10 @@ class MMIG_MLLMDescribe:
         return {
             "required": {
                 "vlm": ("MMIG_VLM", {"tooltip": "From MMIG VLM Loader (drop_perceiver off for a stock Idefics2)."}),
-                "mm_prompt": ("MMIG_MM_PROMPT", {"tooltip": "One prompt: the image(s) and the instruction, e.g. "
-                                                            "'<image1> make it winter'."}),
+                "mm_prompt": ("MMIG_MM_PROMPT", {"tooltip": "The image(s) and the instruction, e.g. '<image1> make "
+                                                            "it winter'. Several prompts (an IMAGE batch, or prompts "
+                                                            "chained through 'previous') are described one after "
+                                                            "the other, in order."}),
                 "mode": (["describe", "llmga prompt"], {
                     "default": "describe",
                     "tooltip": "describe: the response is the description. llmga prompt: the generation prompt "
@@ -246,9 +284,8 @@ class MMIG_MLLMDescribe:
                     "tooltip": "LLMGA mode, when the response has no complete tag pair: use the whole response "
                                "(with a warning) or stop with an error."}),
                 "max_new_tokens": ("INT", {"default": 200, "min": 1, "max": 2048,
-                                           "tooltip": "The longest response, in tokens (greedy decoding); lowered "
-                                                      "(with a log line) to the model's positions left after the "
-                                                      "prompt."}),
+                                           "tooltip": "The longest response, in tokens; lowered (with a log line) "
+                                                      "to the model's positions left after the prompt."}),
             },
             "optional": {
                 "history": ("STRING", {"multiline": True, "default": "",
@@ -272,54 +309,85 @@ class MMIG_MLLMDescribe:
                                "image.') follows the prompt's images (leave the prompt's text empty for the exact "
                                "released turn). edit: a first turn 'Generate a similar image' with the images, then "
                                "the prompt's text as the edit instruction (LLMGA's instruction editing)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                 "tooltip": "The random seed of sampling (do_sample on); the same seed gives the same "
+                                            "response."}),
+                "do_sample": ("BOOLEAN", {"default": False,
+                                          "tooltip": "Off: greedy decoding (the same response every run). On: sample "
+                                                     "with temperature and top_p."}),
+                "temperature": ("FLOAT", {"default": 0.7, "min": 0.01, "max": 5.0, "step": 0.01,
+                                          "tooltip": "Sampling only: lower is more predictable, higher more varied."}),
+                "top_p": ("FLOAT", {"default": 0.9, "min": 0.01, "max": 1.0, "step": 0.01,
+                                    "tooltip": "Sampling only: sample among the most likely tokens whose "
+                                               "probabilities sum to this."}),
+                "repetition_penalty": ("FLOAT", {"default": 1.0, "min": 0.5, "max": 3.0, "step": 0.01,
+                                                 "tooltip": "Above 1 discourages repeating tokens (1: off); applies "
+                                                            "to greedy decoding too."}),
             },
         }
 
     def describe(self, vlm, mm_prompt, mode, when_tags_missing, max_new_tokens, history="", filename_prefix="",
-                 prompt_style="auto", task="as written"):
-        if len(mm_prompt) != 1:
-            raise ValueError(f"MMIG MLLM Describe takes one prompt, got a batch of {len(mm_prompt)}: connect a single "
-                             f"MMIG Multimodal Prompt (without 'previous')")
+                 prompt_style="auto", task="as written", seed=0, do_sample=False, temperature=0.7, top_p=0.9,
+                 repetition_penalty=1.0):
+        if not mm_prompt:
+            raise ValueError("MMIG MLLM Describe got no prompt: connect an MMIG Multimodal Prompt")
         if task not in llmga_tags.TASKS:
             raise ValueError(f"task must be one of {', '.join(llmga_tags.TASKS)}, got {task!r}")
+        settings = core.GenerationSettings(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                           top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
         llmga = mode == "llmga prompt"
         style = llmga_tags.resolve_prompt_style(prompt_style, vlm.vlm.model.config.to_dict(), vlm.name)
         system = llmga_tags.system_prompt(vlm.name) if style == "llmga" else ""
         suffix = llmga_tags.GENERATION_REQUEST if llmga and style == "pack" else ""
         _host.load_to_device(vlm.patcher)
-        _host.throw_if_interrupted()
-        progress = _host.progress_bar(2 if task == "edit" else 1)
+        steps = 2 if task == "edit" else 1
+        progress = _host.progress_bar(steps * len(mm_prompt))
+        descriptions, exchanges, all_embeds = [], [], []
+        for prompt in mm_prompt:
+            _host.throw_if_interrupted()
+            response, exchange, embeds = self._one(vlm, prompt, task, history, suffix, system, settings)
+            progress.update(steps)
+            descriptions.append(self._description(response, llmga, when_tags_missing))
+            exchanges.append(exchange)
+            all_embeds.append(embeds)
+        ui = {"text": descriptions}
+        if filename_prefix:
+            ui["description_files"] = [_host.save_text_file(d, filename_prefix) for d in descriptions]
+        return {"ui": ui, "result": (descriptions, exchanges, all_embeds)}
+
+    @staticmethod
+    def _one(vlm, prompt, task, history, suffix, system, settings):
         try:
             if task == "edit":
                 first, response, embeds = core.describe_edit(
-                    vlm.vlm, mm_prompt[0], llmga_tags.EDIT_FIRST_TURN, history=history, suffix=suffix,
-                    max_new_tokens=max_new_tokens, system=system, stop_requested=_host.interrupted)
+                    vlm.vlm, prompt, llmga_tags.EDIT_FIRST_TURN, history=history, suffix=suffix,
+                    max_new_tokens=settings, system=system, stop_requested=_host.interrupted)
                 exchange = (f"User: {llmga_tags.EDIT_FIRST_TURN}\nAssistant: {first}\n"
-                            f"User: {core.edit_instruction(mm_prompt[0])}\nAssistant: {response}")
+                            f"User: {core.edit_instruction(prompt)}\nAssistant: {response}")
             else:
-                response, embeds = core.describe(vlm.vlm, mm_prompt[0], history=history,
-                                                 max_new_tokens=max_new_tokens, suffix=suffix, system=system,
+                response, embeds = core.describe(vlm.vlm, prompt, history=history, max_new_tokens=settings,
+                                                 suffix=suffix, system=system,
                                                  template=llmga_tags.TASK_TEMPLATES.get(task, ""),
                                                  stop_requested=_host.interrupted)
                 exchange = response
         except GenerationStopped:
             _host.throw_if_interrupted()  # the host's own interruption, so the prompt ends as interrupted
             raise
-        progress.update(2 if task == "edit" else 1)
-        description = response
-        if llmga:
-            description = llmga_tags.extract_generation_prompt(response)
-            if not description:
-                if when_tags_missing == "error":
-                    raise ValueError("the response has no generation prompt between <gen_image>...</gen_image> (or "
-                                     f"<gen_img>) tags: {response[:200]!r}. Use an LLMGA-trained model, raise "
-                                     "max_new_tokens, or set when_tags_missing to 'use whole response'")
-                log.warning("MMIG MLLM Describe: no <gen_image> tags in the response; using the whole response")
-                description = llmga_tags.strip_tags(response)
-        ui = {"text": [description]}
-        if filename_prefix:
-            ui["description_files"] = [_host.save_text_file(description, filename_prefix)]
-        return {"ui": ui, "result": (description, exchange, embeds)}
+        return response, exchange, embeds
+
+    @staticmethod
+    def _description(response, llmga, when_tags_missing):
+        if not llmga:
+            return response
+        description = llmga_tags.extract_generation_prompt(response)
+        if not description:
+            if when_tags_missing == "error":
+                raise ValueError("the response has no generation prompt between <gen_image>...</gen_image> (or "
+                                 f"<gen_img>) tags: {response[:200]!r}. Use an LLMGA-trained model, raise "
+                                 "max_new_tokens, or set when_tags_missing to 'use whole response'")
+            log.warning("MMIG MLLM Describe: no <gen_image> tags in the response; using the whole response")
+            description = llmga_tags.strip_tags(response)
+        return description
 
 
 NODE_CLASS_MAPPINGS = {

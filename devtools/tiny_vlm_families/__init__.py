@@ -21,7 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # Module names under devtools.tiny_vlm_families; a family is listed once its builder exists.
-FAMILY_MODULES: list[str] = []
+FAMILY_MODULES: list[str] = ["idefics3", "smolvlm", "llava", "llava_next", "llava_onevision", "qwen2_vl",
+                             "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "mllama", "internvl", "mistral3"]
 
 
 def folder_name(family: str) -> str:
@@ -32,11 +33,26 @@ def family_module(name: str):
     return importlib.import_module(f"{__name__}.{name}")
 
 
+def too_old_for(module) -> str | None:
+    """The transformers release a family needs when the installed one is older (FACTS["min_transformers"])."""
+    from importlib.metadata import version
+    needed = module.FACTS.get("min_transformers")
+    if not needed:
+        return None
+    have = tuple(int(p) for p in version("transformers").split(".")[:2] if p.isdigit())
+    return needed if have < tuple(int(p) for p in needed.split(".")[:2]) else None
+
+
 def build_all(vlm_dir: Path, only: list[str] | None = None) -> list[Path]:
+    """Every family's tiny folder; a family the installed transformers lacks is left out (said on stdout)."""
     written = []
     for name in FAMILY_MODULES:
         module = family_module(name)
         if only and module.FAMILY not in only:
+            continue
+        needed = too_old_for(module)
+        if needed:
+            print(f"tiny {module.FAMILY}: skipped, the family needs transformers >= {needed}")
             continue
         written.append(module.build(Path(vlm_dir) / folder_name(module.FAMILY)))
     return written

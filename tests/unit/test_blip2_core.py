@@ -69,6 +69,19 @@ def test_prompt_is_prefix(captioner, images):
         assert caption.startswith("a photo of") and len(caption) > len("a photo of")
 
 
+def test_typed_image_token_is_removed(captioner, images):
+    # Blip2Processor keeps its image token as an AddedToken: str.replace on it raises TypeError, and a typed
+    # "<image>" left in the prompt adds an image row the model has no query embeddings for.
+    from tokenizers import AddedToken
+    from mmig_core.blip2 import image_token_text, strip_image_token
+    processor = captioner.processor
+    assert isinstance(processor.image_token, (AddedToken, str))  # AddedToken on 4.45+ and 5.x
+    assert image_token_text(processor) == "<image>"
+    assert strip_image_token(processor, "<image> a photo <image>of") == "a photo of"
+    expected = caption_images(captioner, images[:1], prompt="a photo of", max_new_tokens=6)
+    assert caption_images(captioner, images[:1], prompt="<image>a photo of", max_new_tokens=6) == expected
+
+
 def test_channels_and_progress(captioner, images):
     done = []
     rgba = torch.cat([images, torch.ones_like(images[..., :1])], dim=-1)

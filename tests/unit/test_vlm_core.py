@@ -117,3 +117,98 @@ def test_folder_errors_name_the_fix(folder, tmp_path):
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "config.json").write_text("{}")
         load_vlm(tmp_path / "empty")
+
+
+def family_folder(tiny_models, family):
+    from devtools.tiny_vlm_families import folder_name
+    return tiny_models / "vlm" / folder_name(family)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "idefics3", "gemma3", "paligemma", "mllama"])
+def test_e_llm_is_the_last_hidden_state_each_response_token_came_from(tiny_models, family):
+    """describe's e_llm comes from the generation itself: its first row is the prompt's last position in a plain
+    forward (same final norm), for families with extra per-token inputs (token_type_ids, cross_attention_mask)."""
+    from mmig_core.vlm import chat_inputs, hidden_states
+    vlm = load_vlm(family_folder(tiny_models, family))
+    prompt = build_prompt("<image1> what is this?", {1: two_images()[1]})
+    response, embeds = describe(vlm, prompt, max_new_tokens=4)
+    forward = hidden_states(vlm, chat_inputs(vlm, prompt))[0, -1].float().cpu()
+    torch.testing.assert_close(embeds.hidden_states[0, 0], forward, atol=1e-4, rtol=1e-4)
+    assert 1 <= embeds.hidden_states.shape[1] <= 4 and embeds.hidden_size == vlm.hidden_size
+
+
+def test_sampling_repeats_with_its_seed(tiny_models):
+    from mmig_core.vlm import GenerationSettings
+    vlm = load_vlm(family_folder(tiny_models, "qwen2_vl"))
+    prompt = build_prompt("<image1> describe it", {1: two_images()[1]})
+
+    def run(seed, **extra):
+        return describe(vlm, prompt, max_new_tokens=GenerationSettings(max_new_tokens=8, do_sample=True, seed=seed,
+                                                                       temperature=1.5, top_p=1.0, **extra))[0]
+    assert run(3) == run(3)
+    assert len({run(seed) for seed in range(4)}) > 1  # the seed, not a fixed path, decides
+    greedy = describe(vlm, prompt, max_new_tokens=8)[0]
+    assert greedy == describe(vlm, prompt, max_new_tokens=GenerationSettings(max_new_tokens=8, seed=99))[0]
+
+
+def test_image_resolution_is_clamped_to_what_the_tower_takes(tiny_models):
+    qwen = {r: load_vlm(family_folder(tiny_models, "qwen2_vl"), image_resolution=r) for r in (1, 10_000)}
+    assert (qwen[1].image_resolution, qwen[10_000].image_resolution) == (32, 64)  # the tiny pixel budget
+    assert (qwen[1].tokens_per_image, qwen[10_000].tokens_per_image) == (4, 16)   # 8 px patches, 2x2 merged
+    llava = load_vlm(family_folder(tiny_models, "llava"), image_resolution=448)
+    assert llava.images.mode == "native" and llava.image_resolution == 32 and llava.tokens_per_image == 16
+    # a tower with fixed position embeddings keeps its native size whatever is asked (Gemma3: 448 < 896 crashed)
+    gemma = load_vlm(family_folder(tiny_models, "gemma3"), image_resolution=16)
+    inputs = prompt_inputs(gemma, build_prompt("<image1>", {1: two_images()[1]}))
+    assert inputs["pixel_values"].shape[-1] == gemma.model.config.vision_config.image_size
+
+
+def test_paligemma_takes_images_first_and_text_only_prompts(tiny_models):
+    vlm = load_vlm(family_folder(tiny_models, "paligemma"))
+    tok = vlm.processor.tokenizer
+    both = prompt_inputs(vlm, build_prompt("a <image1> man", {1: two_images()[1]}))["input_ids"][0].tolist()
+    image_id = vlm.model.config.image_token_index
+    assert both[:vlm.tokens_per_image] == [image_id] * vlm.tokens_per_image and both[vlm.tokens_per_image] == tok.bos_token_id
+    text_only = prompt_inputs(vlm, build_prompt("a lighthouse", {}))["input_ids"][0].tolist()
+    assert text_only[0] == tok.bos_token_id and text_only.count(tok.bos_token_id) == 1 and image_id not in text_only
+
+
+@pytest.mark.parametrize("config, named", [
+    ({"model_type": "florence2", "auto_map": {"AutoConfig": "configuration_florence2.Florence2Config"}}, "Florence-2"),
+    ({"model_type": "moondream1", "auto_map": {"AutoConfig": "hf_moondream.HfConfig"}}, "moondream2"),
+    ({"model_type": "internvl_chat", "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"}},
+     "-hf"),
+    ({"model_type": "some_new_vlm", "auto_map": {"AutoConfig": "configuration_x.XConfig"}}, "some_new_vlm"),
+])
+def test_remote_code_checkpoints_are_refused_by_name(tmp_path, config, named):
+    import json
+
+    from safetensors.torch import save_file
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelFilesError, match="remote code") as error:
+        load_vlm(tmp_path)
+    assert named in str(error.value) and "trust_remote_code=False" in str(error.value)
+
+
+def test_smolvlm_without_num2words_names_the_package(tiny_models, monkeypatch):
+    from transformers.models.smolvlm import processing_smolvlm
+    monkeypatch.setattr(processing_smolvlm, "num2words", None)
+    with pytest.raises(ModelFilesError, match="pip install num2words"):
+        load_vlm(family_folder(tiny_models, "smolvlm"))
+
+
+def test_a_prompt_longer_than_the_positions_is_a_clear_error(tiny_models, tmp_path):
+    import json
+    import shutil
+
+    from mmig_core.vlm import VLMInputError
+    short = tmp_path / "short"
+    shutil.copytree(family_folder(tiny_models, "llava"), short)
+    config = json.loads((short / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 30  # one 16-token image fits, two do not
+    (short / "config.json").write_text(json.dumps(config))
+    vlm = load_vlm(short)
+    with pytest.raises(VLMInputError, match="fewer images"):
+        prompt_inputs(vlm, build_prompt("<image1> and <image2>", two_images()))
+    assert prompt_inputs(vlm, build_prompt("<image1>", {1: two_images()[1]}))["input_ids"].shape[1] <= 30

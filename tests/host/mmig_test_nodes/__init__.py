@@ -110,3 +110,7 @@ class MMIGTest_NonFinite:
 
 
 NODE_CLASS_MAPPINGS["MMIGTest_NonFinite"] = MMIGTest_NonFinite
+
+from .vlm_info import NODES as _VLM_INFO_NODES  # noqa: E402
+
+NODE_CLASS_MAPPINGS.update(_VLM_INFO_NODES)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# make test-transformers: the VLM and BLIP-2 tests under each transformers release the pack claims, each in an
+# extra environment (scripts/tf_env.sh: transformers and its tokenizers / huggingface_hub first on PYTHONPATH,
+# .venv's torch) with tiny models that release built itself (.cache/tiny-models-tf/VERSION).
+#   TF_VERSIONS="4.46.1 4.57.6"   the releases (default: the floor, mmig_core/hf_compat.py MIN_TRANSFORMERS,
+#                                 and 4.57.6, the last 4.x); the newest 5.x is .venv's own, which `make test` runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+FLOOR=$(.venv/bin/python -c "from mmig_core.hf_compat import MIN_TRANSFORMERS; print(MIN_TRANSFORMERS)")
+VERSIONS=${TF_VERSIONS:-"$FLOOR 4.57.6"}
+# The modules that load a VLM or BLIP-2; a family module joins once its builder is in devtools/tiny_vlm_families.
+TESTS=(tests/unit/test_hf_compat.py tests/unit/test_vlm_core.py tests/unit/test_blip2_core.py
+       tests/host/test_encoder_nodes.py tests/host/test_blip2_nodes.py)
+for test in tests/unit/test_vlm_families*.py tests/host/test_vlm_families*.py; do
+  if [ -f "$test" ]; then TESTS+=("$test"); fi
+done
+newest=$(.venv/bin/python -c "from importlib.metadata import version; print(version('transformers'))")
+echo "test-transformers: .venv has transformers $newest (run by make test); here: $VERSIONS"
+failed=()
+for version in $VERSIONS; do
+  start=$(date +%s)
+  env_dir=$(bash scripts/tf_env.sh "$version")
+  echo "test-transformers: transformers $version"
+  if PYTHONPATH="$env_dir${PYTHONPATH:+:$PYTHONPATH}" MMIG_TINY_MODELS_DIR="$PWD/.cache/tiny-models-tf/$version" \
+      .venv/bin/python -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} "${TESTS[@]}"; then
+    echo "test-transformers: transformers $version passed in $(( $(date +%s) - start )) s"
+  else
+    echo "test-transformers: transformers $version FAILED (after $(( $(date +%s) - start )) s)"
+    failed+=("$version")
+  fi
+done
+if [ ${#failed[@]} -gt 0 ]; then echo "test-transformers: failed under transformers ${failed[*]}"; exit 1; fi
