@@ -45,7 +45,7 @@ def load_blip2(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, se
     (both for error messages).
     """
     path = require_hf_folder(folder, kind="BLIP-2", searched=searched, source_hint=source_hint)
-    require_transformers("The MMIG BLIP-2 loader")
+    require_transformers("The MMIG BLIP-2 nodes")
     try:
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
         model = from_pretrained_strict(Blip2ForConditionalGeneration, path, dtype)

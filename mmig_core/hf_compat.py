@@ -108,11 +108,11 @@ def require_transformers(what: str, minimum: str = MIN_TRANSFORMERS) -> None:
     """Raise a ModelFilesError naming the version needed when the installed transformers is older than `minimum`."""
     installed = transformers_version()
     if not installed:
-        raise ModelFilesError(f"{what} needs the transformers library (>= {minimum}), which is not installed: "
+        raise ModelFilesError(f"{what}: the transformers library (>= {minimum}) is needed and not installed: "
                               f"{_upgrade(minimum)}.")
     if not at_least(minimum, installed):
-        raise ModelFilesError(f"{what} needs transformers >= {minimum}; this ComfyUI has transformers {installed}. "
-                              f"Update it ({_upgrade(minimum)}); the model files are fine.")
+        raise ModelFilesError(f"{what}: transformers >= {minimum} is needed; this ComfyUI has transformers "
+                              f"{installed}. Update it ({_upgrade(minimum)}); the model files are fine.")
 
 
 def family_requirement(model_type: str, installed: str | None = None) -> str | None:

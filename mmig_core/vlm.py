@@ -113,7 +113,7 @@ def load_vlm(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     language model's decoder layers.
     """
     path = require_hf_folder(folder, kind="vision-language", searched=searched, source_hint=source_hint)
-    require_transformers("The MMIG VLM loader")
+    require_transformers("The MMIG vision-language nodes")
     needs = folder_family_requirement(path)
     if needs:
         raise ModelFilesError(f"Cannot load the model in {path}: {needs}")
