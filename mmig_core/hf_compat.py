@@ -12,13 +12,16 @@ from functools import lru_cache
 
 from .model_files import ModelFilesError
 
-# The oldest transformers the pack's VLM and BLIP-2 code paths pass their tests with (measured by
-# `make test-transformers`). Below it: AutoModelForImageTextToText is missing before 4.46.
-MIN_TRANSFORMERS = "4.46.1"
+# The oldest transformers the pack's VLM and BLIP-2 code paths pass their tests with (`make test-transformers`).
+# 4.46 passes them too, but reads a chat template only from chat_template.json / tokenizer_config.json: the
+# chat_template.jinja that newer transformers write (and hub folders ship) is ignored there, and a VLM would run
+# without its template. Before 4.46 AutoModelForImageTextToText is missing.
+MIN_TRANSFORMERS = "4.47.0"
 
-# model_type -> the first transformers release (major.minor) whose AutoModelForImageTextToText maps it, read from
-# modeling_auto.py's MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES in each minor release's wheel (4.46 to 4.57, 5.0,
-# 5.24). Types that arrived before MIN_TRANSFORMERS need nothing more than the pack's floor and are left out.
+# model_type -> the first transformers release (major.minor) whose AutoModelForImageTextToText maps it: read from
+# modeling_auto.py's MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES in the last patch release of every minor from 4.45
+# to 5.24 (tests/unit/test_hf_compat.py checks it against the installed release). Types already there in 4.46-4.47 need
+# only the floor and are left out. ("pixtral" left that mapping in 5.6: Pixtral checkpoints are "llava" folders.)
 FAMILY_MIN_TRANSFORMERS = {
     "aria": "4.48", "emu3": "4.48",
     "got_ocr2": "4.49", "qwen2_5_vl": "4.49",
@@ -32,6 +35,26 @@ FAMILY_MIN_TRANSFORMERS = {
     "lfm2_vl": "4.57", "qwen3_vl": "4.57", "qwen3_vl_moe": "4.57",
     "ernie4_5_vl_moe": "5.0", "fast_vlm": "5.0", "glm46v": "5.0", "instructblipvideo": "5.0", "lighton_ocr": "5.0",
     "paddleocr_vl": "5.0", "t5gemma2": "5.0", "video_llama_3": "5.0", "video_llava": "5.0",
+    "glm_ocr": "5.1",
+    "qwen3_5": "5.2", "qwen3_5_moe": "5.2",
+    "mistral4": "5.4", "pi0": "5.4", "pp_chart2table": "5.4",
+    "gemma4": "5.5",
+    "qianfan_ocr": "5.6", "qwen2_5_omni_thinker": "5.6", "qwen3_omni_moe_thinker": "5.6",
+    "minicpmv4_6": "5.7",
+    "exaone4_5": "5.8", "granite4_vision": "5.8", "pp_formulanet": "5.8",
+    "deepseek_ocr2": "5.10", "gemma4_unified": "5.10", "glmga": "5.10",
+    "cosmos3_omni": "5.11", "diffusion_gemma": "5.11",
+    "minimax_m3_vl": "5.12",
+    "hunyuan_vl": "5.13", "kimi_k25": "5.13",
+    "inkling_mm_model": "5.14",
+    "cosmos3_edge": "5.15", "muse_glimmer": "5.15",
+    "cohere_compass": "5.16", "glm5_next": "5.16", "qwen4_exp": "5.16", "step3p7": "5.16",
+    "hyperclovax_vision_v2": "5.18", "minicpmv4_7": "5.18", "nemotron_h_omni": "5.18",
+    "molmo2": "5.20", "muse_spark": "5.20", "unlimited_ocr": "5.20",
+    "minicpm_ocr": "5.21",
+    "mistral_large4": "5.22",
+    "dots3_note": "5.23", "granite_docling": "5.23", "inkling2": "5.23", "lfm3_vl": "5.23",
+    "apertus1p5": "5.24", "hy_v4_vl": "5.24", "inkling2_loop": "5.24",
 }
 # How users know the families the pack is tested with (the rest are named by their model_type).
 FAMILY_NAMES = {
@@ -85,11 +108,11 @@ def require_transformers(what: str, minimum: str = MIN_TRANSFORMERS) -> None:
     """Raise a ModelFilesError naming the version needed when the installed transformers is older than `minimum`."""
     installed = transformers_version()
     if not installed:
-        raise ModelFilesError(f"{what} needs the transformers library (>= {minimum}), which is not installed: "
+        raise ModelFilesError(f"{what}: the transformers library (>= {minimum}) is needed and not installed: "
                               f"{_upgrade(minimum)}.")
     if not at_least(minimum, installed):
-        raise ModelFilesError(f"{what} needs transformers >= {minimum}; this ComfyUI has transformers {installed}. "
-                              f"Update it ({_upgrade(minimum)}); the model files are fine.")
+        raise ModelFilesError(f"{what}: transformers >= {minimum} is needed; this ComfyUI has transformers "
+                              f"{installed}. Update it ({_upgrade(minimum)}); the model files are fine.")
 
 
 def family_requirement(model_type: str, installed: str | None = None) -> str | None:

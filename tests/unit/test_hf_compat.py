@@ -29,7 +29,7 @@ def test_the_floor_is_written_once():
 
 @pytest.mark.parametrize("installed,minimum,expected", [
     ("4.57.6", "4.57", True), ("4.56.2", "4.57", False), ("5.0.0", "4.57", True), ("4.46.1", "4.46.1", True),
-    ("4.46.0", "4.46.1", False), ("4.50.0.dev0", "4.50", True), ("5.0.0rc1", "5", True), ("4.9.0", "4.46", False),
+    ("4.46.0", "4.46.1", False), ("4.47.0", "4.47", True), ("4.50.0.dev0", "4.50", True), ("5.0.0rc1", "5", True), ("4.9.0", "4.46", False),
     ("5.24.0+local", "5.24", True)])
 def test_versions_compare_by_release_numbers(installed, minimum, expected):
     assert hf_compat.at_least(minimum, installed) is expected
@@ -57,8 +57,8 @@ def test_family_requirement_names_the_family_and_the_version():
     assert "Qwen3-VL" in message and "qwen3_vl" in message and ">= 4.57" in message and "4.50.3" in message
     assert hf_compat.family_requirement("qwen3_vl", installed="4.57.6") is None
     assert hf_compat.family_requirement("kosmos-2.5", installed="4.55.4").count(">= 4.56") == 1
-    assert hf_compat.family_requirement("idefics2", installed="4.46.1") is None
-    assert hf_compat.family_requirement("no_such_family", installed="4.46.1") is None
+    assert hf_compat.family_requirement("idefics2", installed="4.47.0") is None
+    assert hf_compat.family_requirement("no_such_family", installed="4.47.0") is None
 
 
 def _old_transformers(monkeypatch, version):
@@ -107,3 +107,28 @@ def test_image_processor_arguments_reach_the_image_processor(tiny_models):
                               **hf_compat.images_kwargs(do_image_splitting=split))["pixel_values"].shape[1]
              for split in (True, False)}
     assert crops == {True: 5, False: 1}
+
+
+def test_a_chat_template_in_chat_template_jinja_is_the_one_used(tiny_models, tmp_path):
+    """Newer transformers save a processor's template as chat_template.jinja, and hub folders ship it so: the floor
+    reads it (4.46 does not, and would render without it), and it wins over nothing else in the folder."""
+    from devtools.tiny_models import TINY_IDEFICS2
+    from mmig_core.mm_prompt import MMPrompt
+    from mmig_core.vlm import chat_messages, load_vlm
+    folder = tmp_path / "jinja-only"
+    folder.mkdir()
+    for file in (tiny_models / TINY_IDEFICS2).iterdir():
+        if file.name in ("chat_template.json", "chat_template.jinja"):
+            continue
+        if file.suffix == ".json":
+            data = json.loads(file.read_text())
+            data.pop("chat_template", None) if isinstance(data, dict) else None
+            (folder / file.name).write_text(json.dumps(data))
+        else:
+            (folder / file.name).write_bytes(file.read_bytes())
+    template = "{% for m in messages %}JINJA-{{ m['role'] }}:{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
+    (folder / "chat_template.jinja").write_text(template)
+    vlm = load_vlm(folder)
+    assert vlm.processor.chat_template == template
+    messages, _ = chat_messages(vlm, MMPrompt(segments=("hello",), images=()))
+    assert vlm.processor.apply_chat_template(messages, add_generation_prompt=True) == "JINJA-user:A:"
