@@ -303,6 +303,9 @@ def load_vlm(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     path = require_hf_folder(folder, kind="vision-language", searched=searched, source_hint=source_hint)
     require_transformers("The MMIG vision-language nodes")
     _refuse_remote_code(path, _raw_config(path), source_hint)  # before the version check: no version runs it
+    from .llava_layout import original_layout_message
+    if (message := original_layout_message(path)) is not None:  # LLMGA's releases: convert them first
+        raise ModelFilesError(message)
     needs = folder_family_requirement(path)
     if needs:
         raise ModelFilesError(f"Cannot load the model in {path}: {needs}")

@@ -318,3 +318,13 @@ def test_clear_errors_for_bad_input(built, tmp_path, capsys):
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
     assert convert_llmga.main([str(src), str(tmp_path / "f"), "--vision-tower", str(tmp_path / "no-clip")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_the_vlm_loader_refuses_the_original_layout_with_the_command_and_loads_the_converted_folder(built):
+    from mmig_core.model_files import ModelFilesError
+    from mmig_core.vlm import load_vlm
+    with pytest.raises(ModelFilesError, match="python -m training.convert_llmga") as refused:
+        load_vlm(built["src"])
+    assert str(built["src"]) in str(refused.value)
+    vlm = load_vlm(built["out"], image_resolution=0)
+    assert vlm.model_type == "llava" and vlm.tokens_per_image > 0
