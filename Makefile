@@ -1,5 +1,7 @@
 # ComfyUI-MMIG developer commands. Each target runs its own idempotent set-up first.
-#   make test                       the whole suite (unit tests and tests against a real ComfyUI server)
+#   make test                       the whole suite (unit tests and tests against a real ComfyUI server; the
+#                                   browser tests skip unless `make browser-setup` has run)
+#   make test-browser               the real-browser tests alone (installs Chromium and Playwright first)
 #   make demo                       the flagship workflow, headless; prints where its outputs went
 #   make run WORKFLOW=workflows/<name>.json OUT=<dir> [TINY=1]
 #   make bench                      every benchmark; results in .cache/bench/<name>.json
@@ -9,13 +11,19 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test demo run bench clean
+.PHONY: setup browser-setup test test-browser demo run bench clean
 
 setup:
 	@bash scripts/setup.sh
 
+browser-setup: setup
+	@bash scripts/browser_setup.sh
+
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-browser: browser-setup
+	MMIG_REQUIRE_BROWSER=1 $(PY) -m pytest tests/browser $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m devtools.demo

@@ -127,7 +127,8 @@ class MMIG_DiffRIRRestore:
             paste_back=paste_back, seed=seed % 2 ** 63, soft_mask=soft_mask,
             on_image_done=lambda _i: progress.update(1),
             check_interrupt=_host.throw_if_interrupted)
-        return (restored,)
+        # A preview on the node, as the host's own image nodes show; the IMAGE output is unchanged.
+        return {"ui": {"images": _host.preview_images(restored)}, "result": (restored,)}
 
 
 NODE_CLASS_MAPPINGS = {
