@@ -2,6 +2,7 @@
 #   make test                       the whole suite (unit tests and tests against a real ComfyUI server; the
 #                                   browser tests skip unless `make browser-setup` has run)
 #   make test-browser               the real-browser tests alone (installs Chromium and Playwright first)
+#   make screenshots                the browser tests, then their screenshots copied to docs/screenshots/
 #   make demo                       the flagship workflow, headless; prints where its outputs went
 #   make run WORKFLOW=workflows/<name>.json OUT=<dir> [TINY=1]
 #   make bench                      every benchmark; results in .cache/bench/<name>.json
@@ -11,7 +12,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup browser-setup test test-browser demo run bench clean
+.PHONY: setup browser-setup test test-browser screenshots demo run bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -24,6 +25,14 @@ test: setup
 
 test-browser: browser-setup
 	MMIG_REQUIRE_BROWSER=1 $(PY) -m pytest tests/browser $(PYTEST_ARGS)
+
+# The README shows docs/screenshots/: the frontend the host serves (COMFYUI_PATH=<newest ComfyUI> for the new one).
+screenshots: browser-setup
+	rm -rf .cache/screenshots
+	MMIG_REQUIRE_BROWSER=1 $(PY) -m pytest -q tests/browser $(PYTEST_ARGS)
+	rm -rf docs/screenshots && mkdir -p docs/screenshots
+	cp .cache/screenshots/*/*.png docs/screenshots/
+	@ls .cache/screenshots > docs/screenshots/FRONTEND.txt; echo "screenshots: $$(cat docs/screenshots/FRONTEND.txt)"
 
 demo: setup
 	$(PY) -m devtools.demo
