@@ -275,6 +275,16 @@ def test_queue_from_page_shows_caption(page, frontend_host):
     assert not page.pack_errors(), "\n".join(page.pack_errors())
 
 
+def test_an_error_from_the_pack_would_be_seen(page):
+    # The detector itself: a failed load of one of the pack's files is a console error naming its URL.
+    before = list(page.errors)
+    page.js("url => import(url).catch(() => null)", f"{PACK_URL_PART}js/no_such_module.js")
+    page.page.wait_for_timeout(500)
+    seen = [e for e in page.errors[len(before):] if e in page.pack_errors()]
+    assert seen, f"no console error recorded for a missing pack module: {page.errors[len(before):]}"
+    page.errors[:] = before
+
+
 def test_no_console_error_from_the_pack(page):
     # Last in the module: every earlier load and run has been through the extension by now.
     assert not page.pack_errors(), "\n".join(page.pack_errors())
