@@ -75,7 +75,8 @@ def frontend_host(request, tiny_models, tmp_path_factory):
         return
     if not (Path(root) / "index.html").is_file():
         pytest.fail(f"MMIG_FRONTEND_ROOT={root} has no index.html: point it at a frontend's static/ folder")
-    server = HostServer([tiny_models], with_tiny_support=True, extra_args=["--front-end-root", str(Path(root).resolve())])
+    server = HostServer([tiny_models], with_tiny_support=True,
+                        extra_args=["--front-end-root", str(Path(root).resolve())])
     with server:
         yield server
 
@@ -151,11 +152,13 @@ LOAD = """async (graph) => {
 }"""
 
 LOAD_BOUNDS = """() => (window.app.graph._nodes || window.app.graph.nodes).map(n => ({
-  id: n.id, type: n.type, bounds: n.getBounding ? Array.from(n.getBounding()) : [n.pos[0], n.pos[1], n.size[0], n.size[1]]}))"""
+  id: n.id, type: n.type,
+  bounds: n.getBounding ? Array.from(n.getBounding()) : [n.pos[0], n.pos[1], n.size[0], n.size[1]]}))"""
 
 FIT_VIEW = """() => {
   const app = window.app, nodes = app.graph._nodes || app.graph.nodes;
-  const boxes = nodes.map(n => n.getBounding ? Array.from(n.getBounding()) : [n.pos[0], n.pos[1], n.size[0], n.size[1]]);
+  const boxes = nodes.map(n => n.getBounding ? Array.from(n.getBounding())
+                                             : [n.pos[0], n.pos[1], n.size[0], n.size[1]]);
   const x0 = Math.min(...boxes.map(b => b[0])), y0 = Math.min(...boxes.map(b => b[1]));
   const x1 = Math.max(...boxes.map(b => b[0] + b[2])), y1 = Math.max(...boxes.map(b => b[1] + b[3]));
   const margin = 40, menu = document.querySelector(".comfy-menu");  // the legacy frontend's floating menu
@@ -228,7 +231,8 @@ def test_ui_workflows_exist():
 def test_workflow_loads_in_frontend(page, path):
     graph = json.loads(path.read_text())
     nodes = page.js(LOAD, graph)
-    assert len(nodes) == len(graph["nodes"]), f"{path.name}: {len(nodes)} nodes on the page, {len(graph['nodes'])} in the file"
+    assert len(nodes) == len(graph["nodes"]), \
+        f"{path.name}: {len(nodes)} nodes on the page, {len(graph['nodes'])} in the file"
     missing = [f"node {n['id']}: {n['type']}" for n in nodes if not n["known"]]
     assert not missing, f"{path.name}: node types the frontend does not know: {missing}"
     problems = overlaps(nodes)
