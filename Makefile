@@ -1,5 +1,8 @@
 # ComfyUI-MMIG developer commands. Each target runs its own idempotent set-up first.
-#   make test                       the whole suite (unit tests and tests against a real ComfyUI server)
+#   make test                       the whole suite (unit tests and tests against a real ComfyUI server; the
+#                                   browser tests skip unless `make browser-setup` has run)
+#   make test-browser               the real-browser tests alone (installs Chromium and Playwright first)
+#   make screenshots                the browser tests, then their screenshots copied to docs/screenshots/
 #   make demo                       the flagship workflow, headless; prints where its outputs went
 #   make run WORKFLOW=workflows/<name>.json OUT=<dir> [TINY=1]   (the API twin workflows/api/<name>.api.json)
 #   make bench                      every benchmark; results in .cache/bench/<name>.json
@@ -11,16 +14,30 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-transformers demo run bench clean
+.PHONY: setup browser-setup test test-browser test-transformers screenshots demo run bench clean
 
 setup:
 	@bash scripts/setup.sh
+
+browser-setup: setup
+	@bash scripts/browser_setup.sh
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-transformers: setup
 	@PYTEST_ARGS="$(PYTEST_ARGS)" TF_VERSIONS="$(TF_VERSIONS)" bash scripts/test_transformers.sh
+
+test-browser: browser-setup
+	MMIG_REQUIRE_BROWSER=1 $(PY) -m pytest tests/browser $(PYTEST_ARGS)
+
+# The README shows docs/screenshots/: the frontend the host serves (COMFYUI_PATH=<newest ComfyUI> for the new one).
+screenshots: browser-setup
+	rm -rf .cache/screenshots
+	MMIG_REQUIRE_BROWSER=1 $(PY) -m pytest -q tests/browser $(PYTEST_ARGS)
+	rm -rf docs/screenshots && mkdir -p docs/screenshots
+	cp .cache/screenshots/*/*.png docs/screenshots/
+	@ls .cache/screenshots > docs/screenshots/FRONTEND.txt; echo "screenshots: $$(cat docs/screenshots/FRONTEND.txt)"
 
 demo: setup
 	$(PY) -m devtools.demo

@@ -10,4 +10,8 @@ except ImportError:  # imported outside ComfyUI (e.g. pytest collecting this fol
 else:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# The frontend extension (web/js: text results shown on their nodes) and the node help the frontend's node
+# library reads from /extensions/<pack>/docs/<node id>.md (web/docs).
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -10,6 +10,11 @@ imported (the ModelPatcher and CLIP are duck-typed), so in-process tests and ben
   refinement), then predicts again on the moved latent, as both papers do. `reuse_prediction` (a_star
   only) keeps the prediction of the gradient pass instead: one UNet forward less per guided step.
 - `post_cfg(args)`: moves the sampler's own latent (in place: its step starts from the moved z).
+
+Which steps are guided: the first `guided_steps` of a sampling run (A&E's max_iter_to_alter, kept for saved
+workflows) that also lie inside [start_percent, end_percent] of the schedule, read off the noise level as the
+host's own start/end controls (ControlNet, conditioning ranges) do. Interruption is checked before every guided
+UNet pass, refinement iterations included; progress is the sampler's own bar (guidance runs inside its steps).
 """
 from __future__ import annotations
 
@@ -44,8 +49,13 @@ class AStarSettings:
     refine_thresholds: tuple[float, ...] = ()  # attend_and_excite: one per refinement step
     normalise_maps: bool = True          # a_star: each map over its maximum before L_AS / L_AR (the pack's own)
     reuse_prediction: bool = False       # a_star: keep the gradient pass's prediction (faster, not the paper's)
+    start_percent: float = 0.0           # guide only between these fractions of the schedule (host convention)
+    end_percent: float = 1.0
 
     def __post_init__(self):
+        if not (0.0 <= self.start_percent <= self.end_percent <= 1.0):
+            raise ValueError(f"start_percent and end_percent must satisfy 0 <= start_percent <= end_percent <= 1; "
+                             f"got start_percent={self.start_percent}, end_percent={self.end_percent}.")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got '{self.mode}'.")
         if self.mode == ATTEND_AND_EXCITE:
@@ -99,14 +109,16 @@ class _Run:
 
 class AStarGuidance:
     def __init__(self, settings: AStarSettings, diffusion_model: torch.nn.Module, input_scale, progress,
-                 check_interrupt=None):
+                 sigma_window: tuple[float, float] = (float("inf"), 0.0), check_interrupt=None):
         """input_scale(sigma [B]) -> [B, 1, 1, 1]: the host's x -> UNet-input factor (z = s * x).
         progress(sigma) -> float in [0, 1]: how far through the training schedule the noise level is
         (the step-size schedule's fallback on hosts that do not tell the sampler's sigmas).
+        sigma_window = (highest, lowest) noise level guided: start_percent and end_percent as sigmas.
         check_interrupt(): raises when the user cancelled; called at every hooked attention layer and at every
         module forward and every tensor the guided passes save or read back (mmig_core.interrupt), since a refinement step runs up to
         max_refine_iters guided forward + backward passes between two of the sampler's own checks."""
         self.settings = settings
+        self.sigma_window = sigma_window
         self.check_interrupt = check_interrupt
         self.diffusion_model = diffusion_model
         self.input_scale = input_scale
@@ -152,7 +164,7 @@ class AStarGuidance:
         if COND not in chunks:  # an uncond-only batch after the guided cond one: same (moved) latent
             return apply_model(self._moved(x, sigma, len(chunks)), sigma, **c)
         step = self._track_step(sigma)
-        if not self._guides(step):
+        if not self._guides(step, sigma):
             return apply_model(x, sigma, **c)
         try:
             return self._guided_forward(apply_model, x, sigma, c, chunks, step)
@@ -176,9 +188,19 @@ class AStarGuidance:
         return denoised + denoised_shift.to(denoised)
 
     # -- the guided pass --------------------------------------------------------------------------
-    def _guides(self, step: int) -> bool:
+    def in_window(self, sigma) -> bool:
+        """Whether the noise level lies inside [start_percent, end_percent] (the host's percent_to_sigma)."""
+        high, low = self.sigma_window
+        value = float(sigma.max())
+        return low * (1 - 1e-6) <= value <= high * (1 + 1e-6)
+
+    def _guides(self, step: int, sigma) -> bool:
         s = self.settings
-        if s.measure_all_steps or step < s.guided_steps:
+        if s.measure_all_steps:
+            return True
+        if not self.in_window(sigma):
+            return False
+        if step < s.guided_steps:
             return True
         return s.mode == ATTEND_AND_EXCITE and step in s.refinement  # A&E refines there even past max_iter_to_alter
 
@@ -187,8 +209,9 @@ class AStarGuidance:
         n_chunks = len(chunks)
         batch = x.shape[0] // n_chunks
         cond_chunks = [i for i, kind in enumerate(chunks) if kind == COND]
-        update = step < s.guided_steps and s.scale_factor > 0
-        refine = s.scale_factor > 0 and step in s.refinement
+        inside = self.in_window(sigma)
+        update = step < s.guided_steps and s.scale_factor > 0 and inside
+        refine = s.scale_factor > 0 and step in s.refinement and inside
         alpha = self._alpha(sigma, c) if (update or refine) else 0.0
 
         def repeat(delta):
@@ -202,7 +225,7 @@ class AStarGuidance:
 
             def evaluate(delta):
                 if self.check_interrupt is not None:
-                    self.check_interrupt()
+                    self.check_interrupt()  # a refinement step may run max_refine_iters UNet passes
                 x_in = (x_base + repeat(delta)).requires_grad_(True)
                 out, maps = self._forward_capturing(apply_model, x_in, sigma_work, c_work, rows)
                 return out.detach(), maps, x_in
@@ -395,6 +418,10 @@ def guided_model(model, settings: AStarSettings, check_interrupt=None):
     """A clone of the ModelPatcher `model` with the guidance hooks; returns (clone, guidance) so callers can
     read its records. The given model is not changed. `check_interrupt` (the node passes the host's) is
     called before each guided UNet pass."""
+    base = model.model
+    blocks = astar.capture_blocks(base.diffusion_model)
+    if not blocks:
+        raise ValueError(no_cross_attention_message(base))
     patched = model.clone()
     base = patched.model
     sampling = base.model_sampling
@@ -406,10 +433,9 @@ def guided_model(model, settings: AStarSettings, check_interrupt=None):
     def progress(sigma):
         return 1.0 - float(sampling.timestep(sigma.max().reshape(1)).float()) / steps_in_schedule
 
-    guidance = AStarGuidance(settings, base.diffusion_model, input_scale, progress, check_interrupt)
-    blocks = astar.capture_blocks(base.diffusion_model)
-    if not blocks:
-        raise ValueError("MMIG A-STAR Guidance needs a UNet with cross-attention (SD1.x, SDXL); this model has none.")
+    window = (float(sampling.percent_to_sigma(settings.start_percent)),
+              float(sampling.percent_to_sigma(settings.end_percent)))
+    guidance = AStarGuidance(settings, base.diffusion_model, input_scale, progress, window, check_interrupt)
     for name, index in blocks:
         patched.set_model_attn2_replace(guidance.attention_replace, name, index)
     for path, norm in astar.residual_norms(base.diffusion_model):  # see astar.residual_norms
@@ -418,6 +444,18 @@ def guided_model(model, settings: AStarSettings, check_interrupt=None):
                                                    guidance.unet_wrapper))
     patched.set_model_sampler_post_cfg_function(guidance.post_cfg)
     return patched, guidance
+
+
+def no_cross_attention_message(base) -> str:
+    """Why a model cannot be guided: A-STAR reads the UNet's text cross-attention (attn2 in its transformer
+    blocks); DiTs (SD3, Flux, ...) join text and image in one attention and have no such blocks."""
+    diffusion = base.diffusion_model
+    unet = any(hasattr(diffusion, name) for name in ("input_blocks", "middle_block", "output_blocks"))
+    kind = (f"its UNet ({type(diffusion).__name__}) has no cross-attention (attn2) transformer blocks" if unet else
+            f"it is not a UNet ({type(base).__name__} / {type(diffusion).__name__}, e.g. a DiT such as SD3 or "
+            f"Flux, whose text and image share one attention)")
+    return (f"MMIG A-STAR Guidance needs a UNet with text cross-attention (SD1.x, SDXL and their fine-tunes): "
+            f"{kind}. Connect an SD1.x or SDXL checkpoint's MODEL, or leave this node out for this model.")
 
 
 def _chain(previous, wrapper):

@@ -187,3 +187,10 @@ def save_text_file(text: str, filename_prefix: str) -> dict:
             continue
         return {"filename": name, "subfolder": subfolder, "type": "output"}
     raise ValueError(f"filename_prefix {filename_prefix!r}: no free file name in {full_folder}; choose a new prefix.")
+
+
+def preview_images(images) -> list[dict]:
+    """Save an IMAGE batch to the host's temp folder, as its Preview Image node does; the UI entries the frontend
+    shows on the node (`{"ui": {"images": ...}}`). Temp files are the host's to clear, so nothing is kept."""
+    import nodes as host_nodes  # the host's nodes.py, loaded before any custom node
+    return host_nodes.PreviewImage().save_images(images, filename_prefix="MMIG_preview")["ui"]["images"]

@@ -89,20 +89,29 @@ class MMIG_AStarGuidance:
                                                             "after moving the latent: one UNet forward less per "
                                                             "guided step, but not the paper's method. Off: predict "
                                                             "again on the moved latent, as A-STAR and A&E do."}),
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                            "tooltip": "Guide from this fraction of the sampling schedule on (0 = "
+                                                       "the first step), read off the noise level as the host's "
+                                                       "ControlNet start/end do. Together with guided_steps: a step "
+                                                       "is guided when both allow it. The papers guide from 0."}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                          "tooltip": "Guide up to this fraction of the schedule (1 = the last "
+                                                     "step); guided_steps still caps the count."}),
             },
         }
 
     def patch(self, model, clip, prompt, concepts, guided_steps, scale_factor, threshold, token_indices="",
               refine_at_steps="", max_refine_iters=astar.ATTEND_EXCITE_MAX_REFINE_ITERS,
               smoothing_sigma=astar.ATTEND_EXCITE_SMOOTHING[1], mode=A_STAR, refine_thresholds="",
-              normalise_maps=True, reuse_prediction=False):
+              normalise_maps=True, reuse_prediction=False, start_percent=0.0, end_percent=1.0):
         positions, words = concepts_from_clip(clip, prompt, concepts, token_indices)
         settings = AStarSettings(positions, words, guided_steps=guided_steps, scale_factor=scale_factor,
                                  threshold=threshold, smoothing=(3, smoothing_sigma),
                                  refine_at_steps=parse_int_list(refine_at_steps, "refine_at_steps"),
                                  max_refine_iters=max_refine_iters, mode=mode,
                                  refine_thresholds=parse_float_list(refine_thresholds, "refine_thresholds"),
-                                 normalise_maps=normalise_maps, reuse_prediction=reuse_prediction)
+                                 normalise_maps=normalise_maps, reuse_prediction=reuse_prediction,
+                                 start_percent=start_percent, end_percent=end_percent)
         return (guided_model(model, settings, check_interrupt=_host.throw_if_interrupted)[0],)
 
 

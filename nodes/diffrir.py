@@ -121,13 +121,16 @@ class MMIG_DiffRIRRestore:
     def restore(self, diffrir, image, reference, mask, paste_back, tile_size, tile_overlap, seed, soft_mask=False):
         generated, reference, mask = core.check_inputs(image, reference, mask)
         _host.load_to_device(diffrir.patcher)
-        progress = _host.progress_bar(generated.shape[0])
+        # Progress in restoration tiles, so one large image moves the bar too; Cancel is checked per tile.
+        height, width = generated.shape[1:3]
+        progress = _host.progress_bar(generated.shape[0] * core.restoration_tiles(height, width, tile_size,
+                                                                                  tile_overlap))
         restored = core.restore_images(
             diffrir.model, generated, reference, mask, tile=tile_size, overlap=tile_overlap,
             paste_back=paste_back, seed=seed % 2 ** 63, soft_mask=soft_mask,
-            on_image_done=lambda _i: progress.update(1),
-            check_interrupt=_host.throw_if_interrupted)
-        return (restored,)
+            on_tile_done=lambda: progress.update(1), check_interrupt=_host.throw_if_interrupted)
+        # A preview on the node, as the host's own image nodes show; the IMAGE output is unchanged.
+        return {"ui": {"images": _host.preview_images(restored)}, "result": (restored,)}
 
 
 NODE_CLASS_MAPPINGS = {

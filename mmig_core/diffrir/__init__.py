@@ -13,8 +13,8 @@ Importing this package is cheap: torch only (the host already has it loaded).
 """
 from .config import DiffRIRConfig, paper_config, tiny_config
 from .network import DiffRIR
-from .restore import DiffRIRInputError, check_inputs, restore_image, restore_images
+from .restore import DiffRIRInputError, check_inputs, restoration_tiles, restore_image, restore_images
 from .weights import load_diffrir, save_diffrir
 
-__all__ = ["DiffRIR", "DiffRIRConfig", "DiffRIRInputError", "check_inputs", "load_diffrir", "paper_config", "restore_image",
-           "restore_images", "save_diffrir", "tiny_config"]
+__all__ = ["DiffRIR", "DiffRIRConfig", "DiffRIRInputError", "check_inputs", "load_diffrir", "paper_config",
+           "restoration_tiles", "restore_image", "restore_images", "save_diffrir", "tiny_config"]

@@ -187,7 +187,8 @@ def compute_prior(model: DiffRIR, generated, reference, mask, *, tile: int, gene
 @torch.no_grad()
 def restore_image(model: DiffRIR, generated: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, *,
                   tile: int = 512, overlap: int = 64, paste_back: bool = True, seed: int = 0,
-                  check_interrupt: Callable[[], None] | None = None) -> torch.Tensor:
+                  check_interrupt: Callable[[], None] | None = None,
+                  on_tile_done: Callable[[], None] | None = None) -> torch.Tensor:
     """Restore one image. generated/reference: [3, H, W] in 0..1, mask: [H, W] (1 = generated). Returns [3, H, W].
 
     The mask is used as given: `restore_images` binarises it first unless asked for the soft mask.
@@ -219,6 +220,8 @@ def restore_image(model: DiffRIR, generated: torch.Tensor, reference: torch.Tens
             y = model.restorer(pad_to_multiple(x, config.multiple), prior)[0, :, :h, :w].float().cpu()
             weight = (wy / row_sum[top:top + h])[:, None] * (wx / col_sum[left:left + w])[None, :]
             out[:, top:top + h, left:left + w] += y * weight
+            if on_tile_done:
+                on_tile_done()
     out.clamp_(0, 1)
     if paste_back:  # out·M + reference·(1 − M), in place
         ref = reference.float()
@@ -226,10 +229,19 @@ def restore_image(model: DiffRIR, generated: torch.Tensor, reference: torch.Tens
     return out
 
 
+def restoration_tiles(height: int, width: int, tile: int, overlap: int) -> int:
+    """How many restoration tiles `restore_image` runs for an image of this size (progress is counted in them)."""
+    tile_h = tile if 0 < tile < height else height
+    tile_w = tile if 0 < tile < width else width
+    overlap = max(0, min(overlap, tile // 2)) if tile > 0 else 0
+    return len(tile_starts(height, tile_h, overlap)) * len(tile_starts(width, tile_w, overlap))
+
+
 def restore_images(model: DiffRIR, generated: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, *,
                    tile: int = 512, overlap: int = 64, paste_back: bool = True, seed: int = 0,
                    soft_mask: bool = False, on_image_done: Callable[[int], None] | None = None,
-                   check_interrupt: Callable[[], None] | None = None) -> torch.Tensor:
+                   check_interrupt: Callable[[], None] | None = None,
+                   on_tile_done: Callable[[], None] | None = None) -> torch.Tensor:
     """ComfyUI layout in and out: IMAGE [B, H, W, C], MASK [B, H, W]; one image at a time; seed + i per image.
 
     soft_mask=False (the official script) binarises the mask at 0.5; True uses its values as they are,
@@ -244,7 +256,7 @@ def restore_images(model: DiffRIR, generated: torch.Tensor, reference: torch.Ten
         for i in range(generated.shape[0]):
             out = restore_image(model, generated[i].permute(2, 0, 1), reference[i].permute(2, 0, 1), mask[i],
                                 tile=tile, overlap=overlap, paste_back=paste_back, seed=seed + i,
-                                check_interrupt=check_interrupt)
+                                check_interrupt=check_interrupt, on_tile_done=on_tile_done)
             results.append(out.permute(1, 2, 0))
             if on_image_done:
                 on_image_done(i)

@@ -102,8 +102,18 @@ def test_each_mode_samples_through_ksampler(host, options):
 
 def test_the_mode_input_is_optional_and_last_with_a_star_as_default(host):
     optional = host.object_info()["MMIG_AStarGuidance"]["input"]["optional"]
-    assert list(optional)[4:] == ["mode", "refine_thresholds", "normalise_maps", "reuse_prediction"]
+    assert list(optional)[4:] == ["mode", "refine_thresholds", "normalise_maps", "reuse_prediction",
+                                  "start_percent", "end_percent"]
     assert optional["mode"][0] == ["a_star", "attend_and_excite"] and optional["mode"][1]["default"] == "a_star"
+
+
+def test_start_and_end_percent_run_and_bad_ones_are_refused_clearly(host):
+    optional = host.object_info()["MMIG_AStarGuidance"]["input"]["optional"]
+    assert (optional["start_percent"][1]["default"], optional["end_percent"][1]["default"]) == (0.0, 1.0)
+    host.run_graph(guided_graph(start_percent=0.2, end_percent=0.7)).check()
+    result = host.run_graph(guided_graph(start_percent=0.7, end_percent=0.2))
+    assert not result.ok and "start_percent <= end_percent" in result.error
+    host.run_graph(guided_graph(start_percent=0.1)).check()
 
 
 def test_unpaired_refine_thresholds_are_refused_and_the_host_keeps_serving(host):

@@ -50,6 +50,13 @@ def test_restores_a_batch_at_an_odd_size(host):
     assert len(images) == 3 and all(image.shape == (61, 97, 3) for image in images)
     generated = np.array([(GENERATED_COLOR >> 16) & 255, (GENERATED_COLOR >> 8) & 255, GENERATED_COLOR & 255])
     assert all(np.abs(image.astype(int) - generated).mean() < 60 for image in images)  # restored, not replaced
+    # The node's own preview (what the frontend shows on it): one temp file per image, the saved pixels.
+    previews = result.outputs["5"]["images"]
+    assert len(previews) == 3 and all(p["type"] == "temp" for p in previews)
+    temp_dir = host.work_dir  # the server's --temp-directory; the host adds its own temp/ folder
+    for preview, image in zip(previews, images):
+        path = temp_dir / "temp" / preview["subfolder"] / preview["filename"]
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), image)
 
 
 def test_all_zero_mask_gives_back_the_reference(host):

@@ -103,6 +103,40 @@ def test_interrupt_during_a_blip2_batch_ends_the_prompt_within_two_seconds(host)
     ends_within_two_seconds_of_an_interrupt(host, graph, "BLIP-2 batch")
 
 
+def astar_refinement_graph(max_refine_iters, seed):
+    """One sampler step whose A-STAR (attend_and_excite) refinement runs up to max_refine_iters UNet passes:
+    A&E's threshold 0.999 is never reached on the tiny SDXL, so it runs them all."""
+    ckpt = TINY_SDXL.split("/")[-1]
+    prompt = "a photo of a cat and a dog"
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "MMIG_AStarGuidance",
+              "inputs": {"model": ["1", 0], "clip": ["1", 1], "prompt": prompt, "concepts": "cat, dog",
+                         "guided_steps": 1, "scale_factor": 20.0, "threshold": 0.5, "mode": "attend_and_excite",
+                         "refine_at_steps": "0", "refine_thresholds": "0.999", "max_refine_iters": max_refine_iters}},
+        "6": {"class_type": "KSampler",
+              "inputs": {"seed": seed, "steps": 1, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+                         "denoise": 1.0, "model": ["5", 0], "positive": ["2", 0], "negative": ["3", 0],
+                         "latent_image": ["4", 0]}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"filename_prefix": "hostile/astar", "images": ["7", 0]}},
+    }
+
+
+def test_interrupt_inside_one_a_star_refinement_step_ends_the_prompt_after_the_pass_in_flight(host):
+    host.run_graph(astar_refinement_graph(1, seed=1)).check()  # the checkpoint is now cached
+    # 100 refinement passes (a UNet forward and backward each: 1-5 s apiece on a shared CPU) inside the sampler's
+    # only step, so the sampler's own per-step check would come only after all of them. The bound is a few
+    # passes, not the 2 s of the other cases: a pass already running finishes first.
+    result, seconds = interrupt_while_running(host, astar_refinement_graph(100, seed=2), "A-STAR refinement")
+    assert not result.ok and "interrupted" in result.error, result.error
+    assert seconds < 20, f"the prompt ended {seconds:.2f} s after /interrupt: the refinement did not stop"
+    still_serves(host)
+
+
 # --- item 9 and hang and crash: lengths, prompts, tiles, histories, wrong folders -------------------------------
 
 def test_blip2_max_new_tokens_past_the_positions_and_a_ten_thousand_character_prompt_caption(host):

@@ -238,3 +238,81 @@ def test_an_uncond_batch_run_apart_sees_the_moved_latent(guidance_module):
     before = x.clone()
     guidance.post_cfg({"denoised": torch.zeros_like(x), "input": x, "sigma": sigma})
     assert torch.allclose(x, fresh_cond_input) and not torch.equal(x, before)  # the sampler's latent moved
+
+
+def _guided_sigmas(guidance):
+    return [round(r.sigma, 4) for r in guidance.all_records()[-1] if r.updated]
+
+
+def test_start_and_end_percent_limit_the_guided_steps_by_noise_level(loaded):
+    model, clip, conditioning = loaded
+    steps = 4
+    sampling = model.model.model_sampling
+    full, guidance = guided_model(model, _settings(clip, guided_steps=steps))
+    _sample(full, conditioning, steps=steps)
+    sigmas = _guided_sigmas(guidance)  # every step's noise level, highest first
+    assert len(sigmas) == steps and sigmas == sorted(sigmas, reverse=True)
+    start, end = 0.3, 0.8
+    high, low = sampling.percent_to_sigma(start), sampling.percent_to_sigma(end)
+    window, guidance = guided_model(model, _settings(clip, guided_steps=steps, start_percent=start, end_percent=end))
+    _sample(window, conditioning, steps=steps)
+    expected = [s for s in sigmas if low <= s <= high]
+    assert expected and len(expected) < steps and _guided_sigmas(guidance) == expected
+    # guided_steps still caps the count inside the window: only the window's first step here.
+    capped, guidance = guided_model(model, _settings(clip, guided_steps=2, start_percent=start, end_percent=end))
+    _sample(capped, conditioning, steps=steps)
+    assert _guided_sigmas(guidance) == [s for s in expected if s in sigmas[:2]]
+
+
+def test_percents_out_of_order_are_refused(loaded):
+    _, clip, _ = loaded
+    with pytest.raises(ValueError, match="start_percent <= end_percent"):
+        _settings(clip, start_percent=0.6, end_percent=0.4)
+    with pytest.raises(ValueError, match="end_percent <= 1"):
+        _settings(clip, end_percent=1.5)
+
+
+def test_a_dit_without_unet_cross_attention_is_refused_clearly(loaded, guidance_module):
+    model, clip, _ = loaded
+
+    class DoubleStreamBlock(torch.nn.Module):  # a DiT block: joint attention, no attn2 cross-attention
+        def __init__(self):
+            super().__init__()
+            self.img_attn = torch.nn.Linear(4, 4)
+
+    class Flux(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.double_blocks = torch.nn.ModuleList([DoubleStreamBlock()])
+
+    class FakeBase:
+        diffusion_model = Flux()
+
+    class FakePatcher:
+        model = FakeBase()
+
+        def clone(self):
+            raise AssertionError("the model must be refused before it is cloned")
+
+    with pytest.raises(ValueError, match=r"needs a UNet with text cross-attention.*not a UNet.*Flux.*DiT"):
+        guidance_module.guided_model(FakePatcher(), _settings(clip))
+
+
+def test_an_interrupt_stops_refinement_between_unet_passes(loaded):
+    model, clip, conditioning = loaded
+
+    class Cancelled(Exception):  # the host's InterruptProcessingException is a plain Exception too
+        pass
+
+    calls = []
+
+    def check_interrupt():
+        calls.append(1)
+        if len(calls) == 2:  # the refinement's second UNet pass of step 0
+            raise Cancelled()
+
+    settings = _settings(clip, guided_steps=1, refine_at_steps=(0,), max_refine_iters=10)
+    guided, guidance = import_pack_module("nodes._guidance").guided_model(model, settings, check_interrupt)
+    with pytest.raises(Cancelled):
+        _sample(guided, conditioning, steps=2)
+    assert len(calls) == 2  # checked before each guided pass of the refinement, and sampling ended there

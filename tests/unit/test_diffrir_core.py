@@ -84,6 +84,32 @@ def test_tiled_and_untiled_agree(tiny):
     assert (whole - generated).abs().mean() > 10 * 1e-4
 
 
+def test_progress_and_interruption_come_per_tile(tiny):
+    from mmig_core.diffrir import restoration_tiles
+
+    images, reference, mask = torch.rand(2, 70, 100, 3), torch.rand(2, 70, 100, 3), torch.ones(2, 70, 100)
+    tiles = restoration_tiles(70, 100, 32, 8)
+    assert tiles == len(tile_starts(70, 32, 8)) * len(tile_starts(100, 32, 8)) > 4
+    assert restoration_tiles(70, 100, 0, 8) == 1
+    done = []
+    restore_images(tiny, images, reference, mask, tile=32, overlap=8, on_tile_done=lambda: done.append(1))
+    assert len(done) == 2 * tiles
+
+    class Cancelled(Exception):
+        pass
+
+    checks = []
+
+    def check_interrupt():
+        checks.append(1)
+        if len(checks) > 3:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        restore_images(tiny, images, reference, mask, tile=32, overlap=8, check_interrupt=check_interrupt)
+    assert len(checks) == 4  # stopped at the first check that said so, inside the first image
+
+
 def test_blend_weights_cover_every_pixel_once():
     for length, tile, overlap in [(224, 96, 32), (97, 32, 8), (500, 128, 64), (129, 128, 16)]:
         starts = tile_starts(length, tile, overlap)
