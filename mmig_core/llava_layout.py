@@ -21,7 +21,7 @@ import json
 import re
 from pathlib import Path
 
-from mmig_core import llmga_tags
+from . import llmga_tags
 
 # Original-layout model types -> the transformers text model they wrap. Only these two convert: LLaVA's projector and
 # splice are the same for the others, but their tokenizers / templates (Gemma, Phi-3, Qwen2, MPT) are not covered.

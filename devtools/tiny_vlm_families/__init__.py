@@ -33,14 +33,25 @@ def family_module(name: str):
     return importlib.import_module(f"{__name__}.{name}")
 
 
+# The builders are written for (and tried on) transformers 4.50, 4.57 and 5.x; older releases build no family.
+BUILDERS_MIN_TRANSFORMERS = "4.50"
+
+
 def too_old_for(module) -> str | None:
-    """The transformers release a family needs when the installed one is older (FACTS["min_transformers"])."""
+    """The transformers release a family needs when the installed one is older: the family's own
+    FACTS["min_transformers"], the release that added its model_type (mmig_core.hf_compat), or the builders'."""
     from importlib.metadata import version
-    needed = module.FACTS.get("min_transformers")
-    if not needed:
-        return None
-    have = tuple(int(p) for p in version("transformers").split(".")[:2] if p.isdigit())
-    return needed if have < tuple(int(p) for p in needed.split(".")[:2]) else None
+
+    from mmig_core.hf_compat import FAMILY_MIN_TRANSFORMERS
+
+    def release(text):
+        return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
+
+    have = release(version("transformers"))
+    needed = [BUILDERS_MIN_TRANSFORMERS, module.FACTS.get("min_transformers"),
+              FAMILY_MIN_TRANSFORMERS.get(module.MODEL_TYPE)]
+    needed = max((n for n in needed if n), key=release)
+    return needed if have < release(needed) else None
 
 
 def build_all(vlm_dir: Path, only: list[str] | None = None) -> list[Path]:
