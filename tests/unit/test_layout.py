@@ -31,6 +31,18 @@ def test_core_and_training_never_import_the_host():
     assert offenders == []
 
 
+def test_what_the_host_imports_reaches_the_pack_relatively():
+    """The host imports the pack as a package (custom_nodes/<folder>), so `mmig_core` and `nodes` are not top-level
+    modules there: inside them, the pack's own modules are imported relatively."""
+    offenders = []
+    for package in ("mmig_core", "nodes"):
+        for path in (ROOT / package).rglob("*.py"):
+            for name in imported_modules(path):
+                if name.split(".")[0] in ("mmig_core", "training", "devtools"):  # `nodes` is the host's own
+                    offenders.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert offenders == []
+
+
 def test_requirements_are_loose_and_leave_torch_to_the_host():
     for line in (ROOT / "requirements.txt").read_text().splitlines():
         line = line.split("#")[0].strip()
