@@ -616,7 +616,8 @@ def _render(vlm: VLM, messages: list[dict]) -> str:
             folder = getattr(vlm.model.config, "_name_or_path", "") or "the VLM's folder"
             raise ModelFilesError(f"The chat template of the model in {folder} (chat_template.jinja, or "
                                   f"chat_template in tokenizer_config.json / processor_config.json) cannot be "
-                                  f"rendered: {type(e).__name__}: {str(e).rstrip('.')}. The sandbox refuses templates that call "
+                                  f"rendered: {type(e).__name__}: {str(e).rstrip('.')}. The sandbox refuses "
+                                  f"templates that call "
                                   f"unsafe code; restore the template the model was released with.") from None
     if vlm.prompt_format == "paligemma":
         # PaliGemma takes no chat: its processor puts the image tokens and BOS first and ends the prefix with a
