@@ -201,10 +201,11 @@ def test_remote_code_checkpoints_are_refused_by_name(tmp_path, config, named):
 
 
 def test_smolvlm_without_num2words_names_the_package(tiny_models, monkeypatch):
+    folder = family_folder(tiny_models, "smolvlm")
     from transformers.models.smolvlm import processing_smolvlm
     monkeypatch.setattr(processing_smolvlm, "num2words", None)
     with pytest.raises(ModelFilesError, match="pip install num2words"):
-        load_vlm(family_folder(tiny_models, "smolvlm"))
+        load_vlm(folder)
 
 
 def test_a_prompt_longer_than_the_positions_is_a_clear_error(tiny_models, tmp_path):
