@@ -323,10 +323,13 @@ class P2PController:
         self._count("self", layer)
         return out
 
-    def cross_attention(self, q, k, v, heads: int, hw: tuple[int, int] | None = None, layer=None) -> torch.Tensor:
+    def cross_attention(self, q, k, v, heads: int, hw: tuple[int, int] | None = None, layer=None,
+                        blend_layer: bool = True) -> torch.Tensor:
+        """`blend_layer` False keeps a layer's maps out of LocalBlend (PnPInversion reads the down and up blocks'
+        16x16 maps, not the middle block's)."""
         s = self.s
         replacing = self.step < s.cross_until
-        capture = s.blend is not None and hw is not None and q.shape[1] == s.blend_tokens
+        capture = blend_layer and s.blend is not None and hw is not None and q.shape[1] == s.blend_tokens
         if not replacing and not capture:
             return plain_attention(q, k, v, heads)
         out = plain_attention(q, k, v, heads).clone()
