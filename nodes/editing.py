@@ -144,40 +144,50 @@ class MMIG_PromptToPrompt:
     def edit(self, model, inversion, source, target, clip, source_prompt, target_prompt, negative, cfg, mode,
              cross_replace_steps, self_replace_steps, blend_words="", blend_threshold=p2p.BLEND_THRESHOLD,
              reweight_words="", reweight_factor=p2p.REWEIGHT_FACTOR, target_offset="none", start_latent=None):
-        inv = _check_inversion(model, inversion, source)
-        start = None
-        if start_latent is not None:
-            samples = start_latent["samples"]
-            if tuple(samples.shape) != inv.latent_shape:
-                raise EditError(f"start_latent is {list(samples.shape)} but the inversion was made from a latent of "
-                                f"{list(inv.latent_shape)}: use the inversion's noisy_latent or one of its size.")
-            start = samples
-        settings = _controller_settings(clip, source, inv, source_prompt, target_prompt, mode, cross_replace_steps,
-                                        self_replace_steps, blend_words, blend_threshold, reweight_words,
-                                        reweight_factor, model)
-        with_offset = target_offset == "source"
-        layout = p2p.batch_layout(with_offset)
-        controller = p2p.P2PController(settings, (layout.index("cond_source"), layout.index("cond_target")))
-        patched = host_editing.patched_model(model, controller)
-        _host.load_to_device(patched)
-        device = _host.torch_device()
-        progress = _host.progress_bar(inv.schedule.steps)
-        with torch.no_grad():
-            probe = inv.trajectory[0].to(device)
-            rows = {"uncond_source": negative, "uncond_target": negative, "cond_source": source, "cond_target": target}
-            labels = {"uncond_source": "negative", "uncond_target": "negative", "cond_source": "source",
-                      "cond_target": "target"}
-            inputs = host_editing.stack_inputs(
-                [host_editing.model_inputs(model, rows[name], labels[name], probe, device) for name in layout],
-                [labels[name] for name in layout])
-            eps = host_editing.eps_function(patched, inputs, patched.model_options["transformer_options"], device)
-            z_start = None if start is None else model.model.process_latent_in(start.float().to(device))
-            result = p2p.edit([z.to(device) for z in inv.trajectory], inv.schedule, eps, controller, cfg,
-                              target_offset=with_offset, start=z_start, on_step=lambda _i: progress.update(1),
-                              check_interrupt=_host.throw_if_interrupted)
-            edited = model.model.process_latent_out(result.edited).cpu()
-            reconstruction = model.model.process_latent_out(result.source).cpu()
-        return {"samples": edited}, {"samples": reconstruction}
+        result, _ = run_edit(model, inversion, source, target, clip, source_prompt, target_prompt, negative, cfg,
+                             mode, cross_replace_steps, self_replace_steps, blend_words, blend_threshold,
+                             reweight_words, reweight_factor, target_offset, start_latent)
+        return {"samples": result.edited}, {"samples": result.source}
+
+
+def run_edit(model, inversion, source, target, clip, source_prompt, target_prompt, negative, cfg, mode,
+             cross_replace_steps, self_replace_steps, blend_words="", blend_threshold=p2p.BLEND_THRESHOLD,
+             reweight_words="", reweight_factor=p2p.REWEIGHT_FACTOR, target_offset="none", start_latent=None):
+    """MMIG_PromptToPrompt's work: (p2p.EditResult with the latents in LATENT space on the CPU, the controller)."""
+    inv = _check_inversion(model, inversion, source)
+    start = None
+    if start_latent is not None:
+        samples = start_latent["samples"]
+        if tuple(samples.shape) != inv.latent_shape:
+            raise EditError(f"start_latent is {list(samples.shape)} but the inversion was made from a latent of "
+                            f"{list(inv.latent_shape)}: use the inversion's noisy_latent or one of its size.")
+        start = samples
+    settings = _controller_settings(clip, source, inv, source_prompt, target_prompt, mode, cross_replace_steps,
+                                    self_replace_steps, blend_words, blend_threshold, reweight_words,
+                                    reweight_factor, model)
+    with_offset = target_offset == "source"
+    layout = p2p.batch_layout(with_offset)
+    controller = p2p.P2PController(settings, (layout.index("cond_source"), layout.index("cond_target")))
+    patched = host_editing.patched_model(model, controller)
+    _host.load_to_device(patched)
+    device = _host.torch_device()
+    progress = _host.progress_bar(inv.schedule.steps)
+    with torch.no_grad():
+        probe = inv.trajectory[0].to(device)
+        rows = {"uncond_source": negative, "uncond_target": negative, "cond_source": source, "cond_target": target}
+        labels = {"uncond_source": "negative", "uncond_target": "negative", "cond_source": "source",
+                  "cond_target": "target"}
+        inputs = host_editing.stack_inputs(
+            [host_editing.model_inputs(model, rows[name], labels[name], probe, device) for name in layout],
+            [labels[name] for name in layout])
+        eps = host_editing.eps_function(patched, inputs, patched.model_options["transformer_options"], device)
+        z_start = None if start is None else model.model.process_latent_in(start.float().to(device))
+        result = p2p.edit([z.to(device) for z in inv.trajectory], inv.schedule, eps, controller, cfg,
+                          target_offset=with_offset, start=z_start, on_step=lambda _i: progress.update(1),
+                          check_interrupt=_host.throw_if_interrupted)
+        result.edited = model.model.process_latent_out(result.edited).cpu()
+        result.source = model.model.process_latent_out(result.source).cpu()
+    return result, controller
 
 
 def _check_inversion(model, inversion, source) -> host_editing.Inversion:
