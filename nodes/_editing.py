@@ -9,6 +9,7 @@ host's model through a ModelPatcher (duck-typed, like nodes/_guidance.py, so ben
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -16,6 +17,9 @@ import torch
 
 from ..mmig_core import astar, p2p
 from ..mmig_core.p2p import EditError
+
+log = logging.getLogger("mmig.p2p")
+CHUNK = 77  # one CLIP chunk: the words prompt-to-prompt aligns
 
 
 @dataclass
@@ -64,6 +68,10 @@ def first(conditioning, what: str):
         raise EditError(f"The {what} CONDITIONING holds {len(conditioning)} entries (combined or concatenated "
                         f"conditioning); prompt-to-prompt needs one prompt per branch.")
     cond, extra = conditioning[0]
+    if cond.shape[1] > CHUNK:
+        log.warning("MMIG prompt-to-prompt: the %s prompt has %d context tokens; the first %d are used (PnPInversion "
+                    "truncates its prompts to CLIP's 77 tokens too).", what, cond.shape[1], CHUNK)
+        cond = cond[:, :CHUNK]
     return cond, dict(extra)
 
 
@@ -86,8 +94,8 @@ def stack_inputs(rows: list[dict], what: list[str]) -> dict:
     lengths = {name: r["c_crossattn"].shape[1] for name, r in zip(what, rows)}
     if len(set(lengths.values())) > 1:
         listing = ", ".join(f"{n} {k} tokens" for n, k in lengths.items())
-        raise EditError(f"The prompts' contexts differ in length ({listing}): prompt-to-prompt maps one 77-token "
-                        f"chunk onto another; shorten the longer prompts (at most 75 words' tokens each).")
+        raise EditError(f"The prompts' contexts differ in length ({listing}): prompt-to-prompt maps one context "
+                        f"onto another; encode every prompt with the same CLIP.")
     return {key: torch.cat([r[key] for r in rows]) for key in rows[0]}
 
 
@@ -122,10 +130,7 @@ def prompt_tokens(clip, text: str, what: str):
 
     tokens = clip.tokenize(text)
     chunks = tokens["l"] if "l" in tokens else next(iter(tokens.values()))
-    if len(chunks) > 1:
-        raise EditError(f"The {what} prompt takes {len(chunks)} chunks of 77 tokens; prompt-to-prompt aligns one "
-                        f"chunk: shorten it.")
-    ids = [t[0] if isinstance(t, (tuple, list)) else int(t) for t in chunks[0]]
+    ids = [t[0] if isinstance(t, (tuple, list)) else int(t) for t in chunks[0]]  # the first chunk, as `first` keeps
     end = ids.index(end_id, 1) if end_id in ids[1:] else len(ids) - 1
     return ids[:end + 1], decode
 

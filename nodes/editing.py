@@ -29,7 +29,9 @@ class MMIG_DirectInversion:
             "model": ("MODEL", {"tooltip": "SD1.x or SDXL (eps or v prediction). The same MODEL goes to MMIG "
                                            "Prompt-to-Prompt."}),
             "latent": ("LATENT", {"tooltip": "The real image, VAE-encoded (one image)."}),
-            "source": ("CONDITIONING", {"tooltip": "The source prompt (a description of the image), encoded."}),
+            "source": ("CONDITIONING", {"tooltip": "The source prompt (a description of the image), encoded. Of a "
+                                                   "longer prompt the first 77-token chunk is used (PnPInversion "
+                                                   "truncates to 77 tokens too)."}),
             "steps": ("INT", {"default": p2p.DDIM_STEPS, "min": 2, "max": 1000,
                               "tooltip": f"DDIM steps; 50 is {PNP} and the paper's. The edit runs the same steps."}),
         }}
@@ -85,7 +87,8 @@ class MMIG_PromptToPrompt:
                 "target": ("CONDITIONING", {"tooltip": "The target prompt (the edited image's description), encoded."}),
                 "clip": ("CLIP", {"tooltip": "The CLIP both prompts were encoded with: aligns their tokens."}),
                 "source_prompt": ("STRING", {"multiline": True, "default": "a photo of a cat",
-                                             "tooltip": "The source prompt's text, exactly as encoded."}),
+                                             "tooltip": "The source prompt's text, exactly as encoded. Of a longer "
+                                                        "prompt the first 77-token chunk is aligned and used."}),
                 "target_prompt": ("STRING", {"multiline": True, "default": "a photo of a dog",
                                              "tooltip": "The target prompt's text, exactly as encoded."}),
                 "negative": ("CONDITIONING", {"tooltip": "The unconditional prompt for CFG (PnPInversion uses the "
