@@ -67,7 +67,9 @@ class MMIG_PromptToPrompt:
                    "target taking the source's attention: cross-attention replaced (replace: same token count) or "
                    "aligned (refine) for the first cross_replace_steps, self-attention copied for the first "
                    "self_replace_steps, optional per-word reweighting and LocalBlend. Runs its own DDIM on the "
-                   "model's schedule (the only sampler the inversion is exact with); the MODEL is not changed.")
+                   "model's schedule (the only sampler the inversion is exact with); the MODEL's attention and "
+                   "transformer patches apply, its model/CFG wrappers from other nodes do not. The MODEL is not "
+                   "changed.")
     CATEGORY = _host.CATEGORY
     RETURN_TYPES = ("LATENT", "LATENT")
     RETURN_NAMES = ("edited", "source_reconstruction")

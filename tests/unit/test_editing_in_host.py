@@ -96,6 +96,7 @@ def test_controllers_fire_on_the_intended_layers_and_steps(sd15, editing, invert
         ("input", 4), ("input", 5), ("input", 7), ("input", 8), ("middle", 0),
         ("output", 3), ("output", 4), ("output", 5), ("output", 6), ("output", 7), ("output", 8)}
     assert result.model_calls == STEPS - 1  # the last step (timestep 0 -> its own level) asks nothing
+    assert "patches_replace" not in sd15[0].model_options.get("transformer_options", {})  # the MODEL given: unchanged
 
 
 def test_refine_with_different_token_counts_and_local_blend_outside_the_mask(sd15, editing, inverted):
