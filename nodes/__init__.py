@@ -1,11 +1,11 @@
 """Thin ComfyUI adapters, one file per component. Each file exports its own mappings."""
-from . import blip2, encoder, diffrir, dem, lora, mmsm
+from . import blip2, encoder, diffrir, dem, editing, lora, mmsm
 from ._checks import check_node_inputs
 from ._host import register_model_folders
 
 register_model_folders()
 
-_COMPONENTS = (blip2, encoder, diffrir, dem, lora, mmsm,)
+_COMPONENTS = (blip2, encoder, diffrir, dem, editing, lora, mmsm,)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -19,6 +19,8 @@ SHIPPED_NODE_IDS = [
     "MMIG_MUMULoader",
     "MMIG_MMSMLoader",
     "MMIG_MMSMApply",
+    "MMIG_DirectInversion",
+    "MMIG_PromptToPrompt",
 ]
 
 
