@@ -48,6 +48,12 @@ PAPER = {
     "MMIG_MMSMLoader": "None: a loader. The module is MMIG §3.2's MMSM (Eqs. 9-12), applied by MMIG MMSM Apply.",
     "MMIG_MMSMApply": "MMIG §3.2, Eqs. 9-12: `e_3 = MLP(e_0)`, `e_2 = DomainEncoder(e_1)`, `e_4 = "
                       "CrossAttention(e_2, e_3)`, `e_6 = e_1 + strength * DomainDecoder(e_4)`.",
+    "MMIG_DirectInversion": "LLMGA §3.1 (Eq. 4's editing branch) with Direct Inversion (Ju et al., ICLR 2024): DDIM "
+                            "inversion `z*_t = DDIM^-1(z*_{t-1}, c_src)` without CFG, keeping the trajectory "
+                            "`z*_0 ... z*_T` for the offsets of MMIG Prompt-to-Prompt.",
+    "MMIG_PromptToPrompt": "Prompt-to-prompt (Hertz et al. 2022) with Direct Inversion's source-branch offsets "
+                           "`d_t = z*_{t-1} - rec_t`, added to the source branch only, so it reconstructs the "
+                           "input exactly while the target branch takes its attention (LLMGA §3.1).",
 }
 
 

@@ -37,6 +37,8 @@ MODEL_URLS = {
         "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
     "animagine-xl-3.0.safetensors":
         "https://huggingface.co/cagliostrolab/animagine-xl-3.0/resolve/main/animagine-xl-3.0.safetensors",
+    "v1-5-pruned-emaonly.safetensors":
+        "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/v1-5-pruned-emaonly.safetensors",
     "idefics2-8b": "https://huggingface.co/HuggingFaceM4/idefics2-8b",
     "blip2-opt-2.7b": "https://huggingface.co/Salesforce/blip2-opt-2.7b",
     "mumu-adapter-sdxl.safetensors": f"{REPO_URL}#mumu-training-mumu-5",
@@ -64,6 +66,9 @@ NODE_BLURBS = {
     "MMIG_MUMULoader": "loads a MUMU bundle folder from models/mmig/: UNet LoRA, VLM LoRA and adapter",
     "MMIG_MMSMLoader": "loads an MMSM (MMIG §3.2) from models/mmig/",
     "MMIG_MMSMApply": "fuses the LLM embedding into the SDXL UNet's mid block (MMIG Eqs. 9-13)",
+    "MMIG_DirectInversion": "DDIM-inverts the source latent with the source prompt (Direct Inversion, LLMGA §3.1)",
+    "MMIG_PromptToPrompt": "edits the inverted image towards the target prompt with prompt-to-prompt attention "
+                           "control; the source branch reconstructs the input exactly",
 }
 
 # Group colours of the frontend's palette, one per kind of stage.
@@ -118,5 +123,24 @@ SPECS = {
                    "its VLM LoRA into the VLM, and its adapter encodes the interleaved prompt.",
         "stages": [("Models", "models", [1, 2, 6]), ("Reference images + prompt", "inputs", [3, 4, 5]),
                    ("MUMU encode", "mmig", [8, 9]), ("Generate", "generate", [10, 11, 12, 13])],
+    },
+    "llmga_instruction_edit": {
+        "summary": "LLMGA instruction editing (§3.1): the MLLM writes a prompt for the source image and one for the "
+                   "edited image; Direct Inversion inverts the photo and prompt-to-prompt edits it, the source "
+                   "branch reconstructing the input exactly. Replace the Empty Image with Load Image.",
+        "stages": [("Models", "models", [1, 4]), ("Source image", "inputs", [2, 3]),
+                   ("LLMGA source + target prompts", "mmig", [5, 6, 7, 8]),
+                   ("Encode prompts", "inputs", [9, 10, 11]), ("Invert + edit", "mmig", [12, 13]),
+                   ("Outputs", "outputs", [14, 15, 16, 17])],
+    },
+    "llmga_instruction_edit_conversation": {
+        "summary": "A two-instruction LLMGA conversation: edit the image, then edit the edit (the second "
+                   "instruction reads the first turn as history).",
+        "stages": [("Models", "models", [1, 4]), ("Source image", "inputs", [2, 3]),
+                   ("LLMGA source + first edit prompts", "mmig", [5, 6, 7, 8]),
+                   ("Encode prompts", "inputs", [9, 10, 11]), ("Invert + first edit", "mmig", [12, 13]),
+                   ("First edit outputs", "outputs", [14, 15, 16, 17]),
+                   ("Second instruction (edit the edit)", "mmig", [18, 19, 20]),
+                   ("Invert + second edit", "mmig", [21, 22]), ("Second edit output", "outputs", [23, 24])],
     },
 }

@@ -46,7 +46,8 @@ def test_pyproject_has_what_the_registry_shows():
 def test_the_tarball_holds_the_pack_and_no_developer_tooling(shipped):
     names = set(shipped)
     for required in ("__init__.py", "pyproject.toml", "README.md", "LICENSE", "requirements.txt",
-                     "requirements-training.txt", "training/__main__.py", "nodes/__init__.py", "mmig_core/__init__.py"):
+                     "requirements-training.txt", "training/__main__.py", "nodes/__init__.py", "mmig_core/__init__.py",
+                     "web/js/mmig.js", "web/docs/MMIG_BLIP2Caption.md"):  # the frontend extension and node help
         assert required in names, f"{required} missing from the tarball"
     for name in example_names():
         assert {f"example_workflows/{name}.json", f"example_workflows/{name}.jpg"} <= names, name
