@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .astar import make_weights_differentiable
 from .model_files import (ModelFilesError, check_config_numbers, check_parameter_count, check_safetensors_file,
                           load_weights_exactly, read_config_metadata, save_safetensors_atomic)
 
@@ -194,6 +195,16 @@ class OutputBlockPatch:
             mask = self.attention_mask.expand(batch, -1)
         return text.to(device=device, dtype=dtype), mask.to(device)
 
+    def _leave_inference_mode(self) -> None:
+        """A gradient pass of another node (A-STAR's) runs through this patch: autograd refuses to save tensors
+        made under the host's inference mode, as the loaded weights and the LLM embedding are. Ordinary copies,
+        same values, frozen; made once (until the host moves the module again under inference mode)."""
+        make_weights_differentiable(self.mmsm)
+        if self.hidden_states.is_inference():
+            self.hidden_states = self.hidden_states.clone()
+        if self.attention_mask.is_inference():
+            self.attention_mask = self.attention_mask.clone()
+
     def __deepcopy__(self, memo):
         # The host deep-copies model_options on every clone; the patch's module and tensors are read-only, so share them.
         return self
@@ -207,6 +218,8 @@ class OutputBlockPatch:
         if h.shape[0] % len(chunks):
             raise ValueError(f"batch of {h.shape[0]} does not split into {len(chunks)} cond/uncond chunks")
         per_chunk = h.shape[0] // len(chunks)
+        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            self._leave_inference_mode()
         self.mmsm.to(device=h.device, dtype=h.dtype)
         outputs = []
         for i, kind in enumerate(chunks):

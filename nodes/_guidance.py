@@ -168,10 +168,12 @@ class AStarGuidance:
             return apply_model(x, sigma, **c)
         try:
             return self._guided_forward(apply_model, x, sigma, c, chunks, step)
-        except (RuntimeError, ValueError) as exc:  # e.g. another patch that autograd cannot go through
+        except torch.cuda.OutOfMemoryError:
+            raise  # the host's own handling: it frees models and says so
+        except (RuntimeError, ValueError) as exc:
+            # An error, not a skipped step: sampling on unguided would give an image A-STAR never touched.
             self._capturing, self._layer_maps, self._heads, self._pending = False, [], 0, None
-            self._warn(f"A-STAR: guidance skipped at step {step}: {exc}")
-            return apply_model(x, sigma, **c)
+            raise RuntimeError(guided_pass_failure(step, exc, c.get("transformer_options", {}))) from exc
 
     def post_cfg(self, args):
         denoised, x = args["denoised"], args["input"]
@@ -397,6 +399,18 @@ class AStarGuidance:
 
     def all_records(self) -> list[list[StepRecord]]:
         return self.runs + ([self.run.records] if self.run.records else [])
+
+
+def guided_pass_failure(step: int, exc: Exception, transformer_options: dict) -> str:
+    """What to tell the user when the pass with gradients fails: the error, and the MODEL's other patches
+    (the usual cause: one holding tensors made under the host's inference mode, or changing them in place)."""
+    patches = transformer_options.get("patches") or {}
+    named = [f"{kind}: {', '.join(getattr(p, '__qualname__', type(p).__name__) for p in items)}"
+             for kind, items in patches.items() if items]
+    others = f"this MODEL's other patches are {'; '.join(named)}" if named else "this MODEL has no other patches"
+    return (f"MMIG A-STAR Guidance could not run its pass with gradients at step {step}: {exc} ({others}). "
+            f"A node that patched the MODEL before A-STAR may not support gradients; give A-STAR the MODEL "
+            f"without that node's patch, or bypass A-STAR.")
 
 
 def _clone_tensors(c: dict) -> dict:

@@ -131,3 +131,29 @@ def test_a_mask_of_another_shape_is_refused_and_the_host_keeps_serving(host):
     result = host.run_graph(layered_graph((64, 32)))
     assert not result.ok and "64x32 px but the latent is 8x8" in result.error
     host.run_graph(layered_graph((48, 48))).check()  # the same aspect ratio at another size is resized
+
+
+def test_a_star_guides_in_mmig_full(host):
+    # mmig_full guides the MODEL from MMIG MMSM Apply: A-STAR's gradient pass runs through MMSM's patch, whose
+    # weights and LLM embedding were made under the host's inference mode (it used to skip every guided step).
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from devtools.run import run_workflow
+    from devtools.workflows import WORKFLOWS_DIR
+    api = json.loads((WORKFLOWS_DIR / "mmig_full.api.json").read_text())
+    assert api["17"]["inputs"]["model"] == ["16", 0] and api["16"]["class_type"] == "MMIG_AStarGuidance"
+    assert api["16"]["inputs"]["model"] == ["7", 0] and api["7"]["class_type"] == "MMIG_MMSMApply"
+    bypassed = json.loads(json.dumps(api))
+    bypassed["17"]["inputs"]["model"] = ["7", 0]
+    images = []
+    for graph in (api, bypassed):
+        log_start, messages = len(host.log()), []
+        code, files = run_workflow(host, graph, tiny=True, log=messages.append)
+        assert code == 0, "\n".join(messages) + "\n" + host.log_tail()
+        assert "A-STAR" not in host.log()[log_start:]
+        [image] = [f for f in files if f.suffix == ".png"]
+        images.append(np.asarray(Image.open(image), dtype=np.float32))
+    assert np.abs(images[0] - images[1]).max() > 0  # A-STAR moved the latent (the tiny VAE decodes near-flat grey)

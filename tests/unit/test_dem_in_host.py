@@ -316,3 +316,47 @@ def test_an_interrupt_stops_refinement_between_unet_passes(loaded):
     with pytest.raises(Cancelled):
         _sample(guided, conditioning, steps=2)
     assert len(calls) == 2  # checked before each guided pass of the refinement, and sampling ended there
+
+
+def test_guidance_runs_through_an_mmsm_patch_made_under_inference_mode(loaded, tiny_models):
+    # mmig_full: MMSM Apply's patch (module and LLM embedding made under the host's inference mode) sits on the
+    # MODEL that A-STAR guides; its gradient pass must go through it, not skip the step.
+    from mmig_core.mmsm import OutputBlockPatch, load_mmsm
+    model, clip, conditioning = loaded
+    with torch.inference_mode():
+        mmsm = load_mmsm(tiny_models / "mmig" / "mmig-tiny-mmsm.safetensors")
+        text = torch.randn(1, 6, mmsm.config.text_dim, generator=torch.Generator().manual_seed(0))
+    fired = []
+    patched = model.clone()
+    patched.set_model_output_block_patch(OutputBlockPatch(mmsm, text, None, 1.0, on_fire=fired.append))
+    plain = _sample(patched, conditioning, "ddim", steps=2)
+    guided, guidance = guided_model(patched, _settings(clip, guided_steps=2, scale_factor=200.0))
+    result = _sample(guided, conditioning, "ddim", steps=2)
+    assert [r.updated for r in guidance.all_records()[-1]] == [True, True] and guidance.warnings == []
+    assert (result - plain).abs().max() > 1e-4 and len(fired) > 4  # the patch ran in the guided passes too
+
+
+class _InferenceScale:
+    """An output-block patch of another pack holding a tensor made under inference mode: autograd cannot save it."""
+
+    def __init__(self):
+        with torch.inference_mode():
+            self.scale = torch.full((1,), 1.0)
+
+    def __deepcopy__(self, memo):  # shared by the host's clones, as MMSM's patch is (a deep copy is no inference tensor)
+        return self
+
+    def __call__(self, h, hsp, transformer_options):
+        return h * self.scale, hsp
+
+
+def test_a_patch_autograd_cannot_go_through_is_an_error_naming_it(loaded):
+    model, clip, conditioning = loaded
+    patched = model.clone()
+    patched.set_model_output_block_patch(_InferenceScale())
+    guided, guidance = guided_model(patched, _settings(clip, guided_steps=2))
+    with pytest.raises(RuntimeError, match=r"at step 0: Inference tensors.*output_block_patch: _InferenceScale.*"
+                                           r"bypass A-STAR") as caught:
+        _sample(guided, conditioning)
+    assert "Inference tensors" in str(caught.value.__cause__)
+    assert guidance.all_records() == []

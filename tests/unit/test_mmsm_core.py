@@ -96,3 +96,28 @@ def test_patch_gives_cond_chunks_the_embedding_and_uncond_chunks_zeros():
     assert torch.allclose(out[1:], mmsm(torch.zeros(1, 1, text.shape[-1]), features))
     same, _ = patch(h, None, {"block": ("output", 1), "cond_or_uncond": [0, 1]})
     assert same is h and fired == [("output", 0)]
+
+
+def test_a_patch_made_under_inference_mode_lets_a_gradient_pass_through():
+    # The host loads the MMSM and computes the LLM embedding under inference mode; A-STAR then runs the UNet,
+    # this patch included, with gradients outside it (nodes/_guidance.py).
+    options = {"block": ("output", 0), "cond_or_uncond": [0, 1]}
+    with torch.inference_mode():
+        mmsm = init_mmsm(MMSM(tiny_mmsm_config()), seed=2, decoder_std=0.1)
+        text, features = random_inputs(batch=1)
+        patch = OutputBlockPatch(mmsm, text, torch.ones(1, text.shape[1]), 1.0)
+        expected, _ = patch(torch.cat([features, features]), None, options)
+    assert mmsm.domain_decoder.weight.is_inference() and patch.hidden_states.is_inference()
+    decoder_before = mmsm.domain_decoder.weight.clone()
+    h = torch.cat([features, features]).clone().requires_grad_(True)
+    out, _ = patch(h, None, options)
+    out.pow(2).sum().backward()
+    assert h.grad is not None and h.grad.abs().sum() > 0
+    assert torch.allclose(out, expected)
+    weight = mmsm.domain_decoder.weight
+    assert not weight.is_inference() and not weight.requires_grad and weight.grad is None
+    assert torch.equal(weight, decoder_before)
+    assert not patch.hidden_states.is_inference() and not patch.attention_mask.is_inference()
+    with torch.inference_mode():  # and the host's own passes still run it
+        again, _ = patch(torch.cat([features, features]), None, options)
+    assert torch.allclose(again, expected)
