@@ -85,7 +85,24 @@ def mumu_loader():
                 "unet_strength": 0.7, "vlm_strength": 1.0, "dtype": "auto"}}}, ("bundle", 0), None
 
 
-NODES = {"MMIG_AStarGuidance a_star": lambda: astar("a_star"),
+def editing():
+    """Direct Inversion + prompt-to-prompt on the shared checkpoint; the edited latent is what it samples."""
+    target = "a photo of a cat and a fox"
+    return {"tgt": {"class_type": "CLIPTextEncode", "inputs": {"text": target, "clip": ["ckpt", 1]}},
+            "inv": {"class_type": "MMIG_DirectInversion", "inputs": {
+                "model": ["ckpt", 0], "latent": ["latent", 0], "source": ["pos", 0], "steps": 3}},
+            "p2p": {"class_type": "MMIG_PromptToPrompt", "inputs": {
+                "model": ["ckpt", 0], "inversion": ["inv", 0], "source": ["pos", 0], "target": ["tgt", 0],
+                "clip": ["ckpt", 1], "source_prompt": PROMPT, "target_prompt": target,
+                "negative": ["neg", 0], "cfg": 7.5, "mode": "replace", "cross_replace_steps": 0.4,
+                "self_replace_steps": 0.6}},
+            "sv": {"class_type": "SaveLatent", "inputs": {"samples": ["p2p", 0],
+                                                          "filename_prefix": "identity/edit"}}}, None, None
+
+
+# The editing nodes take a MODEL but return a LATENT: they are run as they are, then the plain KSampler.
+NODES = {"MMIG_DirectInversion MMIG_PromptToPrompt": editing,
+         "MMIG_AStarGuidance a_star": lambda: astar("a_star"),
          "MMIG_AStarGuidance attend_and_excite": lambda: astar("attend_and_excite"),
          "MMIG_LayeredEmbeddings": layered, "MMIG_MMSMApply": mmsm, "MMIG_LoRAMerge": lora_merge,
          "MMIG_MUMULoader": mumu_loader}
@@ -107,7 +124,7 @@ def test_every_model_taking_node_is_listed(host):
     """NODES covers every pack node with a MODEL input, as the server lists them (a new one cannot skip the test)."""
     taking_model = sorted(name for name, info in host.object_info().items() if name.startswith("MMIG_")
                           and any(spec[0] == "MODEL" for group in info["input"].values() for spec in group.values()))
-    assert taking_model == sorted({name.split()[0] for name in NODES})
+    assert taking_model == sorted({part for name in NODES for part in name.split() if part.startswith("MMIG_")})
 
 
 def test_a_plain_ksampler_after_each_model_node_is_bit_identical(host):
@@ -117,7 +134,10 @@ def test_a_plain_ksampler_after_each_model_node_is_bit_identical(host):
     for name, build in NODES.items():
         nodes, model, positive = build()
         graph = {**base(), **nodes}
-        patched = sample(graph, list(model), positive or ("pos", 0))
-        result = host.run_graph(graph).check()
-        assert saved_latent_bytes(host, result, patched) != before, f"{name} did not change the sampled latent"
+        if model is None:  # a node that samples itself (the editing nodes)
+            host.run_graph(graph).check()
+        else:
+            patched = sample(graph, list(model), positive or ("pos", 0))
+            result = host.run_graph(graph).check()
+            assert saved_latent_bytes(host, result, patched) != before, f"{name} did not change the sampled latent"
         assert plain_latent(host) == before, f"a plain KSampler after {name} gives another latent"
