@@ -86,36 +86,43 @@ def test_the_overlaps_blend_between_neighbouring_tiles(model):
     assert out[1000, 1000].item() == pytest.approx(12.0)  # the centre tile's own inner part
 
 
-def test_what_the_network_sees_is_bounded_by_the_tile_not_the_image(model):
-    """Every restorer window and every CPEN input (the real CPEN) at 2048 px is as large as at 1024 px: memory
-    stays flat as images grow. The restorer is the recording stub (its windows are what a real one gets)."""
-    largest = []
-    features = model.prior_encoder.features
+@pytest.fixture(scope="module")
+def priors(model):
+    """The real CPEN's prior at 1024 px (tiled) and 2048 px (tiled and untiled), and the largest CPEN input of each."""
+    features, largest = model.prior_encoder.features, []
 
     def recording_features(x):
         largest.append(x.shape[-2] * x.shape[-1])
         return features(x)
     model.prior_encoder.features = recording_features
-    seen = {}
+    found = {}
     try:
-        for side in (1024, 2048):
-            largest.clear()
-            stub = StubRestorer()
-            out = run_with(model, stub, side, cheap_prior=False)
-            assert out.shape == (3, side, side) and torch.isfinite(out).all()
-            seen[side] = (max(h * w for *_, h, w in stub.windows), max(largest), len(stub.windows))
+        with torch.no_grad():
+            for side, tile in ((1024, TILE), (SIDE, TILE), (SIDE, 0)):
+                largest.clear()
+                prior = compute_prior(model, *images(side), tile=tile, generator=torch.Generator().manual_seed(1))
+                found[side, tile] = (prior, max(largest))
     finally:
         del model.prior_encoder.features
+    return found
+
+
+def test_what_the_network_sees_is_bounded_by_the_tile_not_the_image(model, priors):
+    """Every restorer window and every CPEN input (the real CPEN) at 2048 px is as large as at 1024 px: memory
+    stays flat as images grow. The restorer is the recording stub (its windows are what a real one gets)."""
+    windows = {}
+    for side in (1024, 2048):
+        stub = StubRestorer()
+        out = run_with(model, stub, side)
+        assert out.shape == (3, side, side) and torch.isfinite(out).all()
+        windows[side] = (max(h * w for *_, h, w in stub.windows), len(stub.windows))
+    assert windows == {1024: (TILE * TILE, 9), 2048: (TILE * TILE, 25)}
     halo = -(-PriorEncoder.receptive_radius(model.config) // model.config.unshuffle) * model.config.unshuffle
-    assert seen[1024][:2] == seen[2048][:2] and (seen[1024][2], seen[2048][2]) == (9, 25)
-    assert seen[2048][0] == TILE * TILE
-    assert seen[2048][1] <= (TILE + 2 * halo) ** 2 < SIDE * SIDE / 9
+    assert priors[1024, TILE][1] == priors[SIDE, TILE][1] <= (TILE + 2 * halo) ** 2 < SIDE * SIDE / 9
+    assert priors[SIDE, 0][1] == SIDE * SIDE  # untiled (tile_size 0): the whole image at once
 
 
-def test_the_tiled_prior_equals_the_untiled_one_at_2048_px(model):
-    generated, reference, mask = images()
-    with torch.no_grad():
-        tiled = compute_prior(model, generated, reference, mask, tile=TILE, generator=torch.Generator().manual_seed(1))
-        whole = compute_prior(model, generated, reference, mask, tile=0, generator=torch.Generator().manual_seed(1))
-    assert tiled.shape == (1, model.config.prior_dim)
+def test_the_tiled_prior_equals_the_untiled_one_at_2048_px(model, priors):
+    tiled, whole = priors[SIDE, TILE][0], priors[SIDE, 0][0]
+    assert tiled.shape == (1, model.config.prior_dim) and torch.isfinite(tiled).all()
     assert torch.allclose(tiled, whole, atol=1e-4, rtol=1e-4), (tiled - whole).abs().max()
