@@ -208,13 +208,18 @@ def test_mmsm_apply_refuses_an_mmsm_of_another_width_on_the_real_sdxl(real_unet)
 
 
 def test_mumu_adapter_widths_are_the_real_sdxl_context_and_pooled_input(real_unet):
-    from mmig_core.mumu_adapter import MUMUAdapterConfig
+    from mmig_core import mumu_adapter
     unet = real_unet("SDXL")
-    config = MUMUAdapterConfig(vlm_hidden=IDEFICS2["text_config"]["hidden_size"]) \
-        if "vlm_hidden" in MUMUAdapterConfig.__dataclass_fields__ else MUMUAdapterConfig
+    # MUMU's widths on Idefics2-8b's 4096-wide states; one layer of the 16 (the widths are what is checked)
+    config = mumu_adapter.MUMUAdapterConfig(input_dim=IDEFICS2["text_config"]["hidden_size"], num_layers=1)
+    adapter = mumu_adapter.init_adapter(mumu_adapter.MUMUAdapter(config))
+    with torch.no_grad():
+        context, pooled = adapter(torch.randn(1, 100, config.input_dim), torch.ones(1, 100, dtype=torch.bool))
     layers = cross_attention_layers(unet.diffusion_model)
-    assert {m.attn2.to_k.in_features for m in layers.values()} == {config.context_dim} == {2048}
+    assert {m.attn2.to_k.in_features for m in layers.values()} == {context.shape[-1]} == {2048}
+    assert context.shape[1] == 154  # padded to whole 77-token windows
+    assert (mumu_adapter.SDXL_CONTEXT_DIM, mumu_adapter.SDXL_POOLED_DIM) == (2048, tuple(pooled.shape)[-1])
     # The host's SDXL y: the pooled vector and six 256-d size embeddings, into label_emb's 2816 inputs.
-    adm = unet.base.encode_adm(pooled_output=torch.zeros(1, config.pooled_dim), width=1024, height=1024,
+    adm = unet.base.encode_adm(pooled_output=torch.zeros(1, pooled.shape[-1]), width=1024, height=1024,
                                crop_w=0, crop_h=0, target_width=1024, target_height=1024)
     assert tuple(adm.shape) == (1, unet.diffusion_model.label_emb[0][0].in_features) == (1, 2816)
