@@ -236,9 +236,10 @@ def test_idefics2_image_splitting_is_turned_off_at_load(idefics2, tmp_path):
     from transformers import AutoProcessor
     folder = tmp_path / "idefics2-splitting"
     shutil.copytree(idefics2, folder)
-    config_file = folder / "preprocessor_config.json"
+    # the hub's folders keep it in preprocessor_config.json, transformers 5 saves processor_config.json
+    config_file = next(f for f in (folder / "preprocessor_config.json", folder / "processor_config.json") if f.exists())
     config = json.loads(config_file.read_text())
-    config["do_image_splitting"] = True
+    config.get("image_processor", config)["do_image_splitting"] = True
     config_file.write_text(json.dumps(config))
     stock = AutoProcessor.from_pretrained(folder, local_files_only=True)
     assert stock.image_processor.do_image_splitting
@@ -250,8 +251,8 @@ def test_idefics2_image_splitting_is_turned_off_at_load(idefics2, tmp_path):
 
     for drop, per_image in ((False, latents), (True, (tiny_idefics2.IMAGE_SIZE // tiny_idefics2.PATCH_SIZE) ** 2)):
         vlm = load_vlm(folder, drop_perceiver=drop, image_resolution=448)
-        assert vlm.processor.image_processor.do_image_splitting is False
         assert vlm.tokens_per_image == per_image
+        assert vlm.processor.image_processor.do_image_splitting is False
         prompt = build_prompt("a <image1> man and his <image2> dog", {1: torch.rand(1, 40, 30, 3),
                                                                       2: torch.rand(1, 20, 60, 3)})
         states = encode_prompts(vlm, [prompt])
