@@ -476,6 +476,27 @@ class VLMInputError(ValueError):
     """A prompt the loaded model cannot take (too many images, an image size its tower refuses)."""
 
 
+class VLMNumericsError(ValueError):
+    """The language model's hidden states hold NaN or inf (fp16 overflow, broken weights): never passed on."""
+
+
+def require_finite(states: torch.Tensor, vlm: VLM, what: str) -> torch.Tensor:
+    """`states` when every value is finite, else a VLMNumericsError naming the fix (fp16 overflows: bf16/fp32)."""
+    finite = torch.isfinite(states)
+    if bool(finite.all()):
+        return states
+    bad, total = int((~finite).sum()), finite.numel()
+    dtype = str(vlm.dtype).removeprefix("torch.")
+    if vlm.dtype == torch.float16:
+        fix = ("fp16's range (up to 65504) overflows in some models' activations (Gemma-based ones, for one): load "
+               "the VLM with dtype bf16 (same memory) or fp32 in MMIG VLM Loader")
+    else:
+        fix = ("the weights or the LoRA/MM-Adapter applied to them are broken: re-download the model, or load it "
+               "without the LoRA / MM-Adapter")
+    raise VLMNumericsError(f"{what}: the {vlm.model_type} model's hidden states hold {bad} NaN/inf value(s) of "
+                           f"{total} in {dtype}: {fix}.")
+
+
 def _processor_inputs(vlm: VLM, text: str, images: list, *, to_device: bool = True) -> dict:
     kwargs = images_kwargs(**vlm.images.kwargs) if (images and vlm.images is not None) else {}
     if images:
@@ -555,7 +576,8 @@ def encode_prompts(vlm: VLM, prompts: list[MMPrompt], *, on_prompt_done: Callabl
     for i, prompt in enumerate(prompts):
         if check_interrupt is not None:
             check_interrupt()
-        states.append(hidden_states(vlm, prompt_inputs(vlm, prompt))[0].float().cpu())
+        states.append(require_finite(hidden_states(vlm, prompt_inputs(vlm, prompt))[0].float().cpu(), vlm,
+                                     f"MMIG MUMU Encode, prompt {i + 1}"))
         if on_prompt_done is not None:
             on_prompt_done(i)
     return pad_batch(states)
@@ -715,7 +737,7 @@ def _generate(vlm: VLM, inputs: dict, max_new_tokens: int | GenerationSettings,
     response = vlm.processor.tokenizer.decode(response_ids, skip_special_tokens=True).strip()
     steps = out.hidden_states[:max(1, response_ids.numel())]
     states = torch.stack([step[-1][0, -1] for step in steps]).float().cpu()
-    return response, pad_batch([states])
+    return response, pad_batch([require_finite(states, vlm, "MMIG MLLM Describe")])
 
 
 def describe(vlm: VLM, prompt: MMPrompt, *, history: str = "", suffix: str = "",

@@ -259,3 +259,21 @@ def test_idefics2_image_splitting_is_turned_off_at_load(idefics2, tmp_path):
         text_only = encode_prompts(vlm, [build_prompt("a  man and his  dog", {})])
         added = states.hidden_states.shape[1] - text_only.hidden_states.shape[1]
         assert 2 * per_image <= added <= 2 * per_image + 4  # each image: its tokens and two <fake_token_around_image>
+
+
+def test_fp16_overflow_is_a_clear_error_naming_bf16_not_nan_passed_on(idefics2):
+    """fp16 tops out at 65504: a final norm scaled to 6e4 overflows in fp16 (as Gemma-based models' activations do)
+    and stays finite in fp32. Encode and describe refuse the NaN/inf and name the dtype that fixes it."""
+    from mmig_core.vlm import VLMNumericsError
+    prompt = build_prompt("a lighthouse at night", {})
+    for dtype in (torch.float16, torch.float32):
+        vlm = load_vlm(idefics2, dtype=dtype)
+        with torch.no_grad():
+            text_decoder(vlm.model).norm.weight.fill_(6e4)  # fp16 holds 6e4; normalised activations above 1.1 overflow it
+        if dtype == torch.float32:
+            assert torch.isfinite(encode_prompts(vlm, [prompt]).hidden_states).all()
+            continue
+        with pytest.raises(VLMNumericsError, match=r"MMIG MUMU Encode, prompt 1.*NaN/inf.*float16.*dtype bf16"):
+            encode_prompts(vlm, [prompt])
+        with pytest.raises(VLMNumericsError, match=r"MMIG MLLM Describe.*dtype bf16"):
+            describe(vlm, prompt, max_new_tokens=GenerationSettings(max_new_tokens=2))
