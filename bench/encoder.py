@@ -2,8 +2,11 @@
 
 - `encode_over_vlm_forward`: what MMIG MUMU Encode does (prompt -> processor -> VLM -> adapter) over the
   VLM forward alone on the same prepared inputs. The VLM and adapter are
-  Idefics2-8B and MUMU's 16-layer adapter scaled down together (widths / 8, depths / 8, so the two keep
-  their real cost ratio) and fed MUMU's real sequence: two images at 448 px without the perceiver.
+  Idefics2-8B and MUMU's 16-layer adapter scaled down together (widths / 8, depths / 8) and fed MUMU's real
+  sequence: two images at 448 px without the perceiver. The shrink does not keep the two's cost ratio exactly:
+  attention costs scale with the width, the linear layers with its square, so over ~2000 tokens the scaled adapter
+  weighs about twice its real share (`adapter_over_text_model_flops_scaled` vs `..._real`, estimated from the
+  configs); the measured ratio overstates the real encode overhead accordingly.
 - `tokens_per_image_with_perceiver` / `..._without_perceiver`: per image at 448 px with Idefics2's
   64-latent perceiver, and with it removed (14 px patches).
 - `describe_over_generate`: what MMIG MLLM Describe does for one image + instruction (chat turn -> processor ->
@@ -41,6 +44,19 @@ PERCEIVER = dict(hidden_size=512, resampler_n_latents=64, resampler_depth=1, res
                  resampler_head_dim=32, num_key_value_heads=2)
 TEXT = dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1)
 ADAPTER = dict(width=128, num_layers=2, num_heads=2)  # MUMU's 16 layers at width 1024, / 8
+REAL_TEXT = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8)  # Mistral-7B, Idefics2-8B's language model
+REAL_ADAPTER = dict(width=1024, num_layers=16, mlp_ratio=4.0)
+
+
+def flops_per_token(tokens: int, text: dict, adapter: dict) -> tuple[float, float]:
+    """(text model, adapter) multiply-adds per token over a `tokens`-long sequence: linear layers and attention
+    scores + weighted sums (norms, activations left out)."""
+    w, kv = text["hidden_size"], text["hidden_size"] * text["num_key_value_heads"] // text["num_attention_heads"]
+    text_layer = w * (2 * w + 2 * kv) + 3 * w * text["intermediate_size"] + 2 * tokens * w
+    a = adapter["width"]
+    adapter_layer = 4 * a * a + 2 * a * int(a * adapter.get("mlp_ratio", 4.0)) + 2 * tokens * a
+    return text["num_hidden_layers"] * text_layer, adapter["num_layers"] * adapter_layer
 
 
 def interleaved(fns: dict, repeats: int = REPEATS, warmup: int = WARMUP) -> dict:
@@ -138,6 +154,10 @@ def encoder_ratio(folder: Path) -> dict:
             "preprocess_over_vlm_forward": paired_ratio(times, "preprocess", "forward"),
             "adapter_over_vlm_forward": paired_ratio(times, "adapter", "forward"),
             "sequence_tokens": int(inputs["input_ids"].shape[1]),
+            **{f"adapter_over_text_model_flops_{kind}": (lambda f: f[1] / f[0])(
+                flops_per_token(int(inputs["input_ids"].shape[1]), text, adapter_config))
+               for kind, text, adapter_config in (("scaled", TEXT, {**ADAPTER, "mlp_ratio": adapter.config.mlp_ratio}),
+                                                  ("real", REAL_TEXT, REAL_ADAPTER))},
             "tokens_per_image_with_perceiver": with_perceiver.tokens_per_image,
             "tokens_per_image_without_perceiver": vlm.tokens_per_image}
 
