@@ -71,18 +71,23 @@ def _read_header(path: Path) -> tuple[int, dict]:
     return header_len, header
 
 
-def from_pretrained_strict(model_class, path: str | os.PathLike, dtype):
+def from_pretrained_strict(model_class, path: str | os.PathLike, dtype, **extra):
     """`model_class.from_pretrained` from a local folder: safetensors only, no remote code, no hub, and an
-    error (not a warning and random values) when the weights lack tensors of the config's model."""
+    error (not a warning and random values) when the weights lack tensors of the config's model. `extra` goes to
+    from_pretrained (a quantized load's quantization_config and device_map: its packed integer weights are not
+    checked, the others are)."""
     from .hf_compat import dtype_kwarg
     model, info = model_class.from_pretrained(
         path, local_files_only=True, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
-        **{dtype_kwarg(): dtype})
+        **{dtype_kwarg(): dtype}, **extra)
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         raise ValueError(f"the safetensors weights lack {len(missing)} tensors of config.json's model "
                          f"(e.g. {', '.join(missing[:3])}); the files may be from another model or incomplete")
-    check_tensors(dict(model.named_parameters()), f"the weights in {path}")
+    params = dict(model.named_parameters())
+    if extra.get("quantization_config") is not None:
+        params = {name: p for name, p in params.items() if p.is_floating_point()}
+    check_tensors(params, f"the weights in {path}")
     return model
 
 

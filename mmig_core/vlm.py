@@ -73,6 +73,8 @@ class VLM:
     images: "ImagePlan | None" = None  # how images reach the processor (None: as the processor defaults)
     placeholder: str = ""              # what stands for one image in the processor's text
     prompt_format: str = "chat template"  # or a known format for folders without a template: idefics2, paligemma
+    quantization: str = "none"         # low_vram.QUANTIZATIONS: a quantized model stays on its CUDA device
+    compute_dtype: torch.dtype | None = None  # the dtype inputs are cast to (quantized weights are integers)
 
     @property
     def hidden_size(self) -> int:
@@ -84,7 +86,9 @@ class VLM:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _first(value):
@@ -291,15 +295,19 @@ def image_token_id(model, processor) -> int | None:
 
 def load_vlm(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, drop_perceiver: bool = False,
              image_resolution: int = MUMU_RESOLUTION, mm_adapter_path: str | os.PathLike | None = None,
-             searched: list[str] | None = None, source_hint: str = SOURCE_HINT) -> VLM:
+             searched: list[str] | None = None, source_hint: str = SOURCE_HINT, quantization: str = "none") -> VLM:
     """Load an image-text-to-text model and its processor from a local folder; any failure is a ModelFilesError.
 
     Every image is padded to a square with black; `image_resolution` px (0: the tower's own size) is then applied
     as far as the family's processor lets it (`image_plan`: clamped to what the tower supports, logged), so each
     image gives the same number of tokens whatever its size. `tokens_per_image` is counted in the processor's
     output for one such image. `mm_adapter_path` attaches MM-Adapters (MMIG Eq. 6) to the language model's
-    decoder layers.
+    decoder layers. `quantization` (low_vram.QUANTIZATIONS) loads the language model in 8-bit or 4-bit NF4
+    through bitsandbytes, on the CUDA device (QuantizationUnavailable where it cannot run); `dtype` is then the
+    dtype of the modules kept unquantized and of the 4-bit compute.
     """
+    from .low_vram import quantized_load_kwargs, require_quantization
+    require_quantization(quantization)  # before anything heavy: a choice that cannot run here says so at once
     path = require_hf_folder(folder, kind="vision-language", searched=searched, source_hint=source_hint)
     require_transformers("The MMIG vision-language nodes")
     _refuse_remote_code(path, _raw_config(path), source_hint)  # before the version check: no version runs it
@@ -331,7 +339,8 @@ def load_vlm(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
                               f"in {path} is '{config.model_type}'. Turn drop_perceiver off for it.")
     try:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        model = from_pretrained_strict(AutoModelForImageTextToText, path, dtype)
+        quantized = quantized_load_kwargs(quantization, AutoModelForImageTextToText, config, dtype, text_decoder)
+        model = from_pretrained_strict(AutoModelForImageTextToText, path, dtype, **quantized)
     except Exception as e:  # noqa: BLE001
         package = _missing_package(e)
         if package:
@@ -357,6 +366,13 @@ def load_vlm(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
                               f"template the model was released with. {source_hint}")
 
     plan = image_plan(model.config, processor.image_processor, image_resolution)
+    if plan.mode == "square" and getattr(processor.image_processor, "do_image_splitting", False):
+        # Idefics2 (idefics2-8b ships do_image_splitting: true): its processor writes 5x the image tokens when the
+        # image processor's *setting* is on, whatever the call passes, while the pack feeds one image per
+        # placeholder at image_resolution; off at load, so tokens_per_image is what each image really gets.
+        processor.image_processor.do_image_splitting = False
+        log.info("MMIG VLM: %s image splitting turned off (one %d px image per placeholder)", config.model_type,
+                 plan.resolution)
     if drop_perceiver:
         model.model.connector.perceiver_resampler = PerceiverBypass()
         processor.image_seq_len = (plan.resolution // _vision_geometry(model.config)[1]) ** 2
@@ -366,7 +382,8 @@ def load_vlm(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
         if adapters.config.dim != model.config.get_text_config().hidden_size:
             raise ModelFilesError(f"the MM-Adapter {mm_adapter_path} is for hidden size {adapters.config.dim}, the VLM "
                                   f"in {path} has {model.config.get_text_config().hidden_size}")
-        model.mm_adapters = adapters.to(dtype)  # a submodule: it moves with the model between devices
+        # a submodule: it moves with the model between devices (a quantized one stays where it was loaded)
+        model.mm_adapters = adapters.to(device=next(model.parameters()).device, dtype=dtype)
         try:
             attach_vlm_mm_adapters(model, adapters)
         except ValueError as e:
@@ -374,7 +391,7 @@ def load_vlm(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     placeholder = image_placeholder(processor, str(getattr(processor, "image_token", None) or "<image>"))
     vlm = VLM(model=model.eval(), processor=processor, model_type=model.config.model_type,
               image_resolution=plan.resolution, tokens_per_image=0, perceiver_dropped=drop_perceiver, images=plan,
-              placeholder=placeholder, prompt_format=prompt_format)
+              placeholder=placeholder, prompt_format=prompt_format, quantization=quantization, compute_dtype=dtype)
     vlm.tokens_per_image = measure_tokens_per_image(vlm)
     if image_resolution and not plan.honoured and image_resolution != plan.resolution:
         log.info("MMIG VLM: %s takes images at its %s; image_resolution %d is not applied", config.model_type,
@@ -459,6 +476,27 @@ class VLMInputError(ValueError):
     """A prompt the loaded model cannot take (too many images, an image size its tower refuses)."""
 
 
+class VLMNumericsError(ValueError):
+    """The language model's hidden states hold NaN or inf (fp16 overflow, broken weights): never passed on."""
+
+
+def require_finite(states: torch.Tensor, vlm: VLM, what: str) -> torch.Tensor:
+    """`states` when every value is finite, else a VLMNumericsError naming the fix (fp16 overflows: bf16/fp32)."""
+    finite = torch.isfinite(states)
+    if bool(finite.all()):
+        return states
+    bad, total = int((~finite).sum()), finite.numel()
+    dtype = str(vlm.dtype).removeprefix("torch.")
+    if vlm.dtype == torch.float16:
+        fix = ("fp16's range (up to 65504) overflows in some models' activations (Gemma-based ones, for one): load "
+               "the VLM with dtype bf16 (same memory) or fp32 in MMIG VLM Loader")
+    else:
+        fix = ("the weights or the LoRA/MM-Adapter applied to them are broken: re-download the model, or load it "
+               "without the LoRA / MM-Adapter")
+    raise VLMNumericsError(f"{what}: the {vlm.model_type} model's hidden states hold {bad} NaN/inf value(s) of "
+                           f"{total} in {dtype}: {fix}.")
+
+
 def _processor_inputs(vlm: VLM, text: str, images: list, *, to_device: bool = True) -> dict:
     kwargs = images_kwargs(**vlm.images.kwargs) if (images and vlm.images is not None) else {}
     if images:
@@ -538,7 +576,8 @@ def encode_prompts(vlm: VLM, prompts: list[MMPrompt], *, on_prompt_done: Callabl
     for i, prompt in enumerate(prompts):
         if check_interrupt is not None:
             check_interrupt()
-        states.append(hidden_states(vlm, prompt_inputs(vlm, prompt))[0].float().cpu())
+        states.append(require_finite(hidden_states(vlm, prompt_inputs(vlm, prompt))[0].float().cpu(), vlm,
+                                     f"MMIG MUMU Encode, prompt {i + 1}"))
         if on_prompt_done is not None:
             on_prompt_done(i)
     return pad_batch(states)
@@ -698,7 +737,7 @@ def _generate(vlm: VLM, inputs: dict, max_new_tokens: int | GenerationSettings,
     response = vlm.processor.tokenizer.decode(response_ids, skip_special_tokens=True).strip()
     steps = out.hidden_states[:max(1, response_ids.numel())]
     states = torch.stack([step[-1][0, -1] for step in steps]).float().cpu()
-    return response, pad_batch([states])
+    return response, pad_batch([require_finite(states, vlm, "MMIG MLLM Describe")])
 
 
 def describe(vlm: VLM, prompt: MMPrompt, *, history: str = "", suffix: str = "",

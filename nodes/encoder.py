@@ -7,9 +7,10 @@ import logging
 import folder_paths
 
 from . import _host
-from ._loaded import LoadedAdapter, LoadedVLM, adapter_files
+from ._loaded import LoadedAdapter, LoadedVLM, adapter_files, managed_vlm
 from ..mmig_core import llmga_tags, mm_prompt as prompts, vlm as core
 from ..mmig_core.generation import GenerationStopped
+from ..mmig_core.low_vram import QUANTIZATIONS, QuantizationUnavailable, require_quantization
 from ..mmig_core.mm_adapter import FORMAT as MM_ADAPTER_FORMAT
 from ..mmig_core.model_files import ModelFilesError
 from ..mmig_core.mumu_adapter import FORMAT as MUMU_ADAPTER_FORMAT, check_sdxl_widths
@@ -70,10 +71,21 @@ class MMIG_VLMLoader:
                            "Applied as a patch on a copy; fails if fewer than 90 % of its modules match."}),
             "lora_strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05,
                                         "tooltip": "How strongly the LoRA applies (0: not at all)."}),
+            "quantization": (list(QUANTIZATIONS), {
+                "default": "none",
+                "tooltip": "Low VRAM: load the language model's weights in 8-bit (LLM.int8) or 4-bit NF4 (double "
+                           "quantization) through bitsandbytes, about 1/2 or 1/4 of fp16's memory; the vision tower, "
+                           "projector and LM head keep dtype, which is also the 4-bit compute dtype. Needs a CUDA GPU "
+                           "and `pip install bitsandbytes`. A quantized VLM stays on its GPU (bitsandbytes weights "
+                           "cannot move between devices: the host does not offload it) and takes no LoRA."}),
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model_name, mm_adapter_name="none", lora_name="none"):
+    def VALIDATE_INPUTS(cls, model_name, mm_adapter_name="none", lora_name="none", quantization="none"):
+        try:  # before the graph runs: a quantization this machine cannot run says what to install or change
+            require_quantization(quantization or "none")
+        except (QuantizationUnavailable, ValueError) as e:
+            return str(e)
         if _host.resolve_model_folder("vlm", model_name) is None:
             return _host.missing_model_message("vlm", "Vision-language", model_name, VLM_EXPECTED, core.SOURCE_HINT)
         if mm_adapter_name not in (None, "none") and folder_paths.get_full_path("mmig", mm_adapter_name) is None:
@@ -83,16 +95,21 @@ class MMIG_VLMLoader:
         return True
 
     def load(self, model_name, dtype, drop_perceiver, image_resolution, mm_adapter_name="none", lora_name="none",
-             lora_strength=1.0):
+             lora_strength=1.0, quantization="none"):
         folder = _host.resolve_model_folder("vlm", model_name)
         if folder is None:
             raise ModelFilesError(_host.missing_model_message("vlm", "Vision-language", model_name, VLM_EXPECTED,
                                                               core.SOURCE_HINT))
         mm_adapter = None if mm_adapter_name in (None, "none") else folder_paths.get_full_path("mmig", mm_adapter_name)
+        quantization = quantization or "none"
+        if quantization != "none" and lora_name not in (None, "none") and lora_strength != 0:
+            raise ValueError(f"lora_name '{lora_name}' cannot be applied with quantization '{quantization}': the "
+                             f"LoRA patches the weights, and bitsandbytes weights are packed integers. Set "
+                             f"quantization to none (dtype bf16 or fp16 to save memory), or lora_name to none.")
         vlm = core.load_vlm(folder, dtype=_host.pick_dtype(dtype), drop_perceiver=drop_perceiver,
                             image_resolution=image_resolution, mm_adapter_path=mm_adapter,
-                            searched=_host.model_search_paths("vlm"))
-        loaded = LoadedVLM(vlm, _host.managed(vlm.model), model_name)
+                            searched=_host.model_search_paths("vlm"), quantization=quantization)
+        loaded = LoadedVLM(vlm, managed_vlm(vlm), model_name)
         if lora_name not in (None, "none") and lora_strength != 0:
             from ..mmig_core.lora import load_lora_file
             from .lora import merge_vlm_lora

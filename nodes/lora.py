@@ -13,7 +13,7 @@ from ..mmig_core import lora as core
 from ..mmig_core import mumu_bundle
 from ..mmig_core.model_files import ModelFilesError
 from ._host_lora import host_lora_patches
-from ._loaded import LoadedAdapter, LoadedVLM
+from ._loaded import LoadedAdapter, LoadedVLM, require_unquantized
 
 
 def check_min_matched_fraction(min_matched_fraction: float) -> None:
@@ -155,6 +155,7 @@ def find_bundle(name: str) -> str | None:
 
 def merge_vlm_lora(vlm: LoadedVLM, state_dict: dict, strength: float, min_matched_fraction: float):
     """(LoadedVLM whose patcher is a patched clone, report); the VLM's own weight names, under the holder's."""
+    require_unquantized(vlm, "A VLM LoRA")
     shapes = {key: tuple(value.shape) for key, value in vlm.patcher.model_state_dict().items()}
     match = core.match_lora(state_dict, shapes, core.build_name_table(shapes, prefix="inner."))
     report = f"VLM LoRA:\n{match.report()}"

@@ -214,3 +214,27 @@ def test_vlm_lora_changes_the_conditioning_and_strength_zero_does_not(host, tiny
     result = host.run_graph(graph)
     assert not result.ok and "match" in result.error
     assert host.run_graph(mumu_graph(sample=False, color=0x112233)).ok
+
+
+def test_quantization_lists_its_choices_and_none_is_the_plain_load(host):
+    optional = host.object_info()["MMIG_VLMLoader"]["input"]["optional"]
+    assert optional["quantization"][0] == ["none", "8-bit", "4-bit (nf4)"]
+    assert list(optional)[-1] == "quantization"  # new inputs go at the end
+    plain = conditioning_info(host.run_graph(mumu_graph(sample=False, color=0x336699)).check())
+    graph = mumu_graph(sample=False, color=0x336699)
+    graph["4"]["inputs"]["quantization"] = "none"
+    assert conditioning_info(host.run_graph(graph).check()) == plain
+
+
+@pytest.mark.parametrize("quantization", ["8-bit", "4-bit (nf4)"])
+def test_quantization_without_cuda_is_a_clear_error_and_the_host_keeps_serving(host, quantization):
+    """This host runs on the CPU: bitsandbytes' weights need CUDA, and the loader says so before the graph runs."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the error under test is the one without it")
+    graph = mumu_graph(sample=False, color=0x996633)
+    graph["4"]["inputs"]["quantization"] = quantization
+    result = host.run_graph(graph)
+    assert not result.ok and f"quantization '{quantization}' needs a CUDA GPU" in result.error
+    assert "Set quantization to none" in result.error
+    assert host.run_graph(mumu_graph(sample=False, color=0x996634)).ok
