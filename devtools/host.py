@@ -29,6 +29,10 @@ MODEL_FOLDERS = ("checkpoints", "vae", "loras", "clip", "clip_vision", "controln
                  "embeddings", "blip2", "vlm", "LLM", "mmig", "diffrir")
 
 
+# The host's VRAM flags, mutually exclusive with --cpu (they need a GPU).
+DEVICE_FLAGS = {"--gpu-only", "--highvram", "--normalvram", "--lowvram", "--novram", "--cpu"}
+
+
 class HostError(RuntimeError):
     """The host refused a graph, failed while running it, or did not start."""
 
@@ -142,7 +146,9 @@ class HostServer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.input_dir.mkdir(parents=True, exist_ok=True)
         config = self._write_config()
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        # --cpu, unless a device flag of the host's (--lowvram, --novram, ...; exclusive with --cpu) is given.
+        device = [] if set(self.extra_args) & DEVICE_FLAGS else ["--cpu"]
+        cmd = [sys.executable, "main.py", *device, "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--extra-model-paths-config", str(config),
                "--output-directory", str(self.output_dir), "--input-directory", str(self.input_dir),
                "--temp-directory", str(self.work_dir), *self._user_data_args(), *self.extra_args]

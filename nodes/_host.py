@@ -119,17 +119,18 @@ def _holder(model):
 
 
 def managed(model):
-    """Wrap a torch module so the host's memory manager loads it to the device and offloads it."""
+    """Wrap a torch module so the host's memory manager loads it to the device and offloads it (whole, in every
+    memory mode: see nodes/_memory.py)."""
     import comfy.model_management
-    import comfy.model_patcher
-    return comfy.model_patcher.ModelPatcher(_holder(model), load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
+    from ._memory import whole_model_patcher
+    return whole_model_patcher(_holder(model), load_device=comfy.model_management.get_torch_device(),
+                               offload_device=comfy.model_management.unet_offload_device())
 
 
 def load_to_device(*patchers) -> None:
     """Load one or more managed models together (one call, so loading one does not offload another)."""
-    import comfy.model_management
-    comfy.model_management.load_models_gpu(list(patchers))
+    from ._memory import load_whole
+    load_whole(patchers)
 
 
 def throw_if_interrupted() -> None:

@@ -114,3 +114,7 @@ NODE_CLASS_MAPPINGS["MMIGTest_NonFinite"] = MMIGTest_NonFinite
 from .vlm_info import NODES as _VLM_INFO_NODES  # noqa: E402
 
 NODE_CLASS_MAPPINGS.update(_VLM_INFO_NODES)
+
+from .memory_info import NODES as _MEMORY_NODES  # noqa: E402
+
+NODE_CLASS_MAPPINGS.update(_MEMORY_NODES)
