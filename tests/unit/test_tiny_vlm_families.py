@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from devtools.tiny_vlm_families import FAMILY_MODULES, family_module, folder_name  # noqa: E402
+from devtools.tiny_vlm_families import FAMILY_MODULES, family_module, folder_name, too_old_for  # noqa: E402
 
 FAMILIES = ["gemma3", "paligemma", "mllama", "internvl", "mistral3"]
 PROMPT = "describe the image."
@@ -29,8 +29,8 @@ def family(request, tmp_path_factory):
     """(module, folder, model, processor) of one family, built once for the module."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     module = family_module(request.param)
-    needed = module.FACTS.get("min_transformers")
-    if needed and _version() < tuple(int(x) for x in needed.split(".")):
+    needed = too_old_for(module)
+    if needed:
         with pytest.raises(RuntimeError, match=f">= {needed}"):  # the builder names the version it needs
             module.build(tmp_path_factory.mktemp(request.param) / "too-old")
         pytest.skip(f"{module.MODEL_TYPE} exists in transformers >= {needed}")
