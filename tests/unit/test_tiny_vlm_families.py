@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from mmig_core.hf_compat import prompt_images  # noqa: E402  (nested from 4.49, flat before)
 from devtools.tiny_vlm_families import FAMILY_MODULES, family_module, folder_name, too_old_for  # noqa: E402
 
 FAMILIES = ["gemma3", "paligemma", "mllama", "internvl", "mistral3"]
@@ -50,7 +51,8 @@ def _one_image_text(module, processor) -> str:
 
 
 def _inputs(module, processor, image=None, **kwargs):
-    inputs = processor(text=[_one_image_text(module, processor)], images=[[image or _image()]], return_tensors="pt",
+    inputs = processor(text=[_one_image_text(module, processor)], images=prompt_images([image or _image()]),
+                       return_tensors="pt",
                        **kwargs)
     inputs.pop("labels", None)  # PaliGemma's processor adds training labels
     return inputs
@@ -195,7 +197,7 @@ def test_two_images_interleaved(family):
                                                  {"type": "image"}, {"type": "text", "text": PROMPT}]}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
     kwargs = module.FACTS["resolution_kwargs"] if module.MODEL_TYPE == "internvl" else {}
-    inputs = processor(text=[text], images=[[_image(seed=1), _image(32, 32, seed=2)]], return_tensors="pt",
+    inputs = processor(text=[text], images=prompt_images([_image(seed=1), _image(32, 32, seed=2)]), return_tensors="pt",
                        **kwargs)
     inputs.pop("labels", None)
     with torch.no_grad():
