@@ -151,6 +151,27 @@ def token_text(token) -> str:
     return str(getattr(token, "content", token))
 
 
+def prompt_images(images: list) -> list:
+    """One prompt's images as a processor call takes them: nested (`[images]`, one list per text) from 4.49, whose
+    image processors flatten it; a flat list before, where CLIP's and SigLIP's image processors (LLaVA, PaliGemma)
+    refuse a nested one. Every processor pairs a flat list with the one text by its image tokens."""
+    return [list(images)] if at_least("4.49") else list(images)
+
+
+def text_only_by_tokenizer(model_type: str) -> bool:
+    """Whether a prompt without images goes to the tokenizer itself, not the processor: 4.47's Idefics3 processor
+    refuses one (it compares the text's [0] images with the [] given; 4.48 mends it)."""
+    return model_type == "idefics3" and not at_least("4.48")
+
+
+def no_legacy_image_expansion(model) -> None:
+    """4.47's LLaVA-family forwards take a prompt with fewer image tokens than config.image_seq_length as an
+    unexpanded (legacy) one, and crash on a text-only prompt there; the pack's processors always expand, so the
+    guess is turned off (4.48 removed it)."""
+    if not at_least("4.48") and hasattr(model.config, "image_seq_length"):
+        model.config.image_seq_length = 0
+
+
 def images_kwargs(**kwargs) -> dict:
     """Image-processor arguments for a processor call, nested as `images_kwargs`: every version routes those to the
     image processor, while a flat argument the processor's typed kwargs do not list (Idefics2's do_image_splitting)

@@ -23,7 +23,8 @@ from typing import Any, Callable
 import torch
 
 from .generation import cap_new_tokens, max_positions, raise_if_stopped, stopping_criteria
-from .hf_compat import folder_family_requirement, images_kwargs, require_transformers
+from .hf_compat import (folder_family_requirement, images_kwargs, no_legacy_image_expansion, prompt_images,
+                        require_transformers, text_only_by_tokenizer)
 from .mm_prompt import MMPrompt
 from .model_files import ModelFilesError, from_pretrained_strict, require_hf_folder
 
@@ -365,6 +366,7 @@ def load_vlm(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
                               f"processor_config.json) and the pack knows no prompt format for it: restore the "
                               f"template the model was released with. {source_hint}")
 
+    no_legacy_image_expansion(model)
     plan = image_plan(model.config, processor.image_processor, image_resolution)
     if plan.mode == "square" and getattr(processor.image_processor, "do_image_splitting", False):
         # Idefics2 (idefics2-8b ships do_image_splitting: true): its processor writes 5x the image tokens when the
@@ -500,7 +502,7 @@ def require_finite(states: torch.Tensor, vlm: VLM, what: str) -> torch.Tensor:
 def _processor_inputs(vlm: VLM, text: str, images: list, *, to_device: bool = True) -> dict:
     kwargs = images_kwargs(**vlm.images.kwargs) if (images and vlm.images is not None) else {}
     if images:
-        kwargs["images"] = [images]
+        kwargs["images"] = prompt_images(images)
     bos = vlm.processor.tokenizer.bos_token
     if bos and text.startswith(str(bos)):
         kwargs["add_special_tokens"] = False  # the chat template wrote the BOS: no second one
@@ -509,6 +511,8 @@ def _processor_inputs(vlm: VLM, text: str, images: list, *, to_device: bool = Tr
             # PaliGemma's processor refuses text without images: its format for a text-only prefix
             bos = str(vlm.processor.tokenizer.bos_token or "")
             inputs = vlm.processor.tokenizer([bos + text + "\n"], add_special_tokens=False, return_tensors="pt")
+        elif not images and text_only_by_tokenizer(vlm.model_type):
+            inputs = vlm.processor.tokenizer([text], return_tensors="pt", **kwargs)
         else:
             inputs = vlm.processor(text=[text], return_tensors="pt", **kwargs)
     except (ValueError, IndexError, RuntimeError) as e:

@@ -7,6 +7,16 @@ from pathlib import Path
 BPE_VOCAB = 600
 
 
+def require_family(model_type: str) -> None:
+    """A RuntimeError naming the transformers release that added `model_type` (mmig_core.hf_compat's
+    FAMILY_MIN_TRANSFORMERS) when the installed one is older: a builder says so before any import fails."""
+    from mmig_core.hf_compat import FAMILY_MIN_TRANSFORMERS, FAMILY_NAMES, at_least, transformers_version
+    needed = FAMILY_MIN_TRANSFORMERS.get(model_type)
+    if needed and not at_least(needed):
+        raise RuntimeError(f"the tiny {FAMILY_NAMES.get(model_type, model_type)} needs transformers >= {needed} "
+                           f"(installed: {transformers_version()})")
+
+
 def corpus() -> list[str]:
     from devtools.tiny_blip2 import CORPUS
     return CORPUS.splitlines() + ["User: describe the image. Assistant: a detailed prompt <gen_image> </gen_image>"]
@@ -63,6 +73,19 @@ def random_init(model, tok, *, seed: int, std: float = 0.2, eos_ids: tuple[int, 
             piece = tok.decode([i], skip_special_tokens=True) if i < len(tok) else ""
             if i not in eos_ids and not (piece.strip() and piece.isprintable() and "\ufffd" not in piece):
                 head[i].zero_()
+
+
+def processor_with_template(processor_class, chat_template: str | None, **kwargs):
+    """`processor_class(**kwargs)` holding `chat_template`: passed to __init__ where it takes one, else set as the
+    attribute that save_pretrained writes to chat_template.json (4.47's MllamaProcessor takes no chat_template)."""
+    import inspect
+    params = inspect.signature(processor_class.__init__).parameters
+    takes = "chat_template" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if chat_template is None or takes:
+        return processor_class(**kwargs, **({"chat_template": chat_template} if chat_template is not None else {}))
+    processor = processor_class(**kwargs)
+    processor.chat_template = chat_template
+    return processor
 
 
 def save(model, processor, folder: Path) -> Path:

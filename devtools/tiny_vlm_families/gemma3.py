@@ -148,6 +148,7 @@ def named_tokens(tok, named: dict) -> None:
 
 
 def build(folder: Path, seed: int = 0) -> Path:
+    _common.require_family(MODEL_TYPE)
     from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor,
                               Gemma3Processor)
     tok = tokenizer()

@@ -77,6 +77,7 @@ def tokenizer():
 
 
 def _classes():
+    _common.require_family(MODEL_TYPE)
     try:
         from transformers import (InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor,
                                   InternVLVideoProcessor)

@@ -52,10 +52,12 @@ def clip_image_processor(size=IMAGE_SIZE, **extra):
 def build(folder: Path, seed: int = 0) -> Path:
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     tok = llama_tokenizer()
+    # image_seq_length: one image's tokens, as the real config's 576; before 4.48 the forward takes a prompt with
+    # fewer image tokens than this for an unexpanded (legacy) one and fails on the tiny model's 16
     config = LlavaConfig(vision_config=clip_vision(), text_config=llama_text(tok),
                          image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
                          vision_feature_select_strategy="default", projector_hidden_act="gelu",
-                         tie_word_embeddings=False)
+                         image_seq_length=(IMAGE_SIZE // PATCH) ** 2, tie_word_embeddings=False)
     model = LlavaForConditionalGeneration(config).eval()
     _common.random_init(model, tok, seed=seed, eos_ids=(2,))
     processor = LlavaProcessor(image_processor=clip_image_processor(), tokenizer=tok, patch_size=PATCH,

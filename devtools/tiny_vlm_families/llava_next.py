@@ -29,10 +29,11 @@ def build(folder: Path, seed: int = 0) -> Path:
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
     tok = llava.llama_tokenizer()
     text = {**llava.llama_text(tok), "model_type": "mistral", "sliding_window": None}
+    # image_seq_length: the base view's tokens (as llava.py: 4.47's forward reads fewer as a legacy prompt)
     config = LlavaNextConfig(vision_config=llava.clip_vision(), text_config=text,
                              image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
                              vision_feature_select_strategy="default", image_grid_pinpoints=GRID_PINPOINTS,
-                             tie_word_embeddings=False)
+                             image_seq_length=(IMAGE_SIZE // PATCH) ** 2, tie_word_embeddings=False)
     model = LlavaNextForConditionalGeneration(config).eval()
     _common.random_init(model, tok, seed=seed, eos_ids=(2,))
     image_processor = LlavaNextImageProcessor(

@@ -102,6 +102,7 @@ def tokenizer():
 
 
 def build(folder: Path, seed: int = 0) -> Path:
+    _common.require_family(MODEL_TYPE)
     from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessor,
                               PixtralProcessor)
     tok = tokenizer()

@@ -209,5 +209,6 @@ def build(folder: Path, seed: int = 0) -> Path:
     image_processor = MllamaImageProcessor(size={"height": TILE, "width": TILE}, max_image_tiles=MAX_TILES,
                                            do_pad=True, resample=2, image_mean=[0.48145466, 0.4578275, 0.40821073],
                                            image_std=[0.26862954, 0.26130258, 0.27577711])
-    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE)
+    processor = _common.processor_with_template(MllamaProcessor, CHAT_TEMPLATE, image_processor=image_processor,
+                                                tokenizer=tok)
     return _common.save(model, processor, folder)

@@ -13,9 +13,7 @@ FACTS = {**qwen2_vl.FACTS, "hub_id": "Qwen/Qwen2.5-VL-3B-Instruct", "max_pixels"
 
 
 def build(folder: Path, seed: int = 0) -> Path:
-    import transformers
-    if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
-        raise RuntimeError(f"the tiny Qwen2.5-VL needs transformers >= 4.49 (installed: {transformers.__version__})")
+    _common.require_family(MODEL_TYPE)
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               Qwen2VLImageProcessor)
     tok = qwen2_vl.tokenizer()

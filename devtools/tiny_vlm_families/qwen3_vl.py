@@ -23,9 +23,7 @@ CHAT_TEMPLATE = (
 
 
 def build(folder: Path, seed: int = 0) -> Path:
-    import transformers
-    if not hasattr(transformers, "Qwen3VLForConditionalGeneration"):
-        raise RuntimeError(f"the tiny Qwen3-VL needs transformers >= 4.57 (installed: {transformers.__version__})")
+    _common.require_family(MODEL_TYPE)
     from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
     tok = qwen2_vl.tokenizer()
     text = qwen2_vl.text_config(tok, head_dim=16)

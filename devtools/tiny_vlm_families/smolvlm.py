@@ -23,9 +23,7 @@ CHAT_TEMPLATE = (
 
 
 def build(folder: Path, seed: int = 0) -> Path:
-    import transformers
-    if not hasattr(transformers, "SmolVLMForConditionalGeneration"):
-        raise RuntimeError(f"the tiny SmolVLM needs transformers >= 4.50 (installed: {transformers.__version__})")
+    _common.require_family(MODEL_TYPE)
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor, SmolVLMProcessor
 
     from .qwen2_vl import video_processor_kwargs

@@ -41,8 +41,13 @@ def describe(prompt, history="", **extra):
 def built(request, tiny_models):
     """A family the installed transformers lacks has no tiny folder (devtools.tiny_vlm_families.build_all)."""
     family = request.node.callspec.params.get("family") if hasattr(request.node, "callspec") else None
-    if family in FOLDERS and not (tiny_models / "vlm" / FOLDERS[family] / "config.json").exists():
-        pytest.skip(f"no tiny {family}: this transformers lacks the family")
+    module = next((families.family_module(m) for m in families.FAMILY_MODULES
+                   if families.family_module(m).FAMILY == family), None)
+    needed = families.too_old_for(module) if module is not None else None
+    if needed:  # the release that added the family's model_type (FAMILY_MIN_TRANSFORMERS), and nothing else
+        pytest.skip(f"{family} needs transformers >= {needed}")
+    if family in FOLDERS:
+        assert (tiny_models / "vlm" / FOLDERS[family] / "config.json").exists(), f"no tiny {family} was built"
 
 
 def hidden_size(tiny_models, family) -> int:
@@ -230,11 +235,15 @@ def test_zz_measured_family_table():
     import transformers
     lines = [f"Measured by tests/host/test_vlm_families.py (transformers {transformers.__version__}, tiny models, "
              f"CPU). Tokens per image: one 448 px square as the processor turns it into image tokens.", "",
-             "| family | load | describe | encode (tokens: 2-image / text-only prompt) | resolution honoured | "
-             "tokens per image | placeholder | leading BOS |", "|---|---|---|---|---|---|---|---|"]
+             "| transformers | family | load | describe | encode (tokens: 2-image / text-only prompt) | "
+             "resolution honoured | tokens per image | placeholder | leading BOS |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for family in FOLDERS:
         m = MEASURED.get(family, {})
-        lines.append(f"| {family} | {m.get('load', 'FAIL')} | {m.get('describe', 'FAIL')} | {m.get('encode', 'FAIL')} "
+        if not m and any(families.family_module(n).FAMILY == family and families.too_old_for(families.family_module(n))
+                         for n in families.FAMILY_MODULES):
+            m = {key: "needs newer" for key in ("load", "describe", "encode", "resolution")}
+        lines.append(f"| {transformers.__version__} | {family} | {m.get('load', 'FAIL')} | {m.get('describe', 'FAIL')} | {m.get('encode', 'FAIL')} "
                      f"| {m.get('resolution', 'FAIL')} | {m.get('tokens_per_image', '?')} | "
                      f"`{json.dumps(m.get('placeholder', '?'))[1:-1]}` | {m.get('leading_bos', '?')} |")
     with open(target, "w") as f:

@@ -12,7 +12,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from devtools.tiny_vlm_families import FAMILY_MODULES, family_module, folder_name  # noqa: E402
+from mmig_core.hf_compat import prompt_images  # noqa: E402  (nested from 4.49, flat before)
+from devtools.tiny_vlm_families import FAMILY_MODULES, family_module, folder_name, too_old_for  # noqa: E402
 
 FAMILIES = ["gemma3", "paligemma", "mllama", "internvl", "mistral3"]
 PROMPT = "describe the image."
@@ -29,8 +30,8 @@ def family(request, tmp_path_factory):
     """(module, folder, model, processor) of one family, built once for the module."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     module = family_module(request.param)
-    needed = module.FACTS.get("min_transformers")
-    if needed and _version() < tuple(int(x) for x in needed.split(".")):
+    needed = too_old_for(module)
+    if needed:
         with pytest.raises(RuntimeError, match=f">= {needed}"):  # the builder names the version it needs
             module.build(tmp_path_factory.mktemp(request.param) / "too-old")
         pytest.skip(f"{module.MODEL_TYPE} exists in transformers >= {needed}")
@@ -50,7 +51,8 @@ def _one_image_text(module, processor) -> str:
 
 
 def _inputs(module, processor, image=None, **kwargs):
-    inputs = processor(text=[_one_image_text(module, processor)], images=[[image or _image()]], return_tensors="pt",
+    inputs = processor(text=[_one_image_text(module, processor)], images=prompt_images([image or _image()]),
+                       return_tensors="pt",
                        **kwargs)
     inputs.pop("labels", None)  # PaliGemma's processor adds training labels
     return inputs
@@ -195,7 +197,7 @@ def test_two_images_interleaved(family):
                                                  {"type": "image"}, {"type": "text", "text": PROMPT}]}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
     kwargs = module.FACTS["resolution_kwargs"] if module.MODEL_TYPE == "internvl" else {}
-    inputs = processor(text=[text], images=[[_image(seed=1), _image(32, 32, seed=2)]], return_tensors="pt",
+    inputs = processor(text=[text], images=prompt_images([_image(seed=1), _image(32, 32, seed=2)]), return_tensors="pt",
                        **kwargs)
     inputs.pop("labels", None)
     with torch.no_grad():

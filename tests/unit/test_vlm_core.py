@@ -1,6 +1,7 @@
 """mmig_core.vlm on the tiny Idefics2 (saved with save_pretrained, offline tokenizer): perceiver removal,
 interleaved hidden states, description, and the errors a user can act on."""
 import os
+import re
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -119,18 +120,53 @@ def test_folder_errors_name_the_fix(folder, tmp_path):
         load_vlm(tmp_path / "empty")
 
 
-def family_folder(tiny_models, family):
-    """The tiny folder of a family. These family tests run on transformers 5.x only: make test-transformers checks
-    Idefics2 and BLIP-2 on the 4.x releases, the other families there are not verified yet."""
-    from importlib.metadata import version
+def family_module_of(family):
+    from devtools.tiny_vlm_families import FAMILY_MODULES, family_module
+    return next(m for m in map(family_module, FAMILY_MODULES) if m.FAMILY == family)
 
-    from devtools.tiny_vlm_families import folder_name
-    if int(version("transformers").split(".")[0]) < 5:
-        pytest.skip("the tiny VLM families are verified on transformers 5.x only")
+
+def family_folder(tiny_models, family):
+    """The tiny folder of a family, on every transformers the pack supports (make test-transformers runs these at
+    the floor and 4.57): skipped only where the family's model_type is newer than the installed transformers
+    (FAMILY_MIN_TRANSFORMERS; test_a_family_newer_than_this_transformers_is_a_clear_error covers those)."""
+    from devtools.tiny_vlm_families import folder_name, too_old_for
+    from mmig_core.hf_compat import transformers_version
+    needed = too_old_for(family_module_of(family))
+    if needed:
+        pytest.skip(f"{family} needs transformers >= {needed}; this is {transformers_version()}")
     folder = tiny_models / "vlm" / folder_name(family)
-    if not folder.is_dir():
-        pytest.skip(f"no tiny {family}: this transformers lacks the family")
+    assert (folder / "config.json").is_file(), f"no tiny {family} in {folder}, though this transformers has it"
     return folder
+
+
+def _families():
+    from devtools.tiny_vlm_families import FAMILY_MODULES, family_module
+    return [family_module(m).FAMILY for m in FAMILY_MODULES]
+
+
+@pytest.mark.parametrize("family", _families())
+def test_a_family_newer_than_this_transformers_is_a_clear_error(tiny_models, tmp_path, family):
+    """Under the installed transformers itself (no stand-in version): a folder of a family whose model_type this
+    release lacks fails with the family's name and the release it needs, not "could not read the config"."""
+    import json
+
+    from devtools.tiny_vlm_families import too_old_for
+    from mmig_core.hf_compat import FAMILY_MIN_TRANSFORMERS, at_least, transformers_version
+    module = family_module_of(family)
+    minimum = FAMILY_MIN_TRANSFORMERS.get(module.MODEL_TYPE)
+    if minimum is None or at_least(minimum):
+        pytest.skip(f"{family} ({module.MODEL_TYPE}) exists in transformers {transformers_version()}")
+    assert too_old_for(module) == minimum  # the builders skip it for the same reason
+    folder = tmp_path / family
+    folder.mkdir()
+    for file in (tiny_models / TINY_IDEFICS2).iterdir():  # real files; only the model_type is the family's
+        (folder / file.name).write_bytes(file.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": module.MODEL_TYPE}))
+    with pytest.raises(ModelFilesError, match=rf"model_type '{module.MODEL_TYPE}'\) need transformers >= "
+                                              rf"{re.escape(minimum)}; this ComfyUI has transformers "
+                                              rf"{re.escape(transformers_version())}"):
+        load_vlm(folder)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava", "idefics3", "gemma3", "paligemma", "mllama"])
