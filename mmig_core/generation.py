@@ -30,6 +30,29 @@ def stopping_criteria(stop_requested: Callable[[], bool] | None):
     return StoppingCriteriaList([StopRequested()])
 
 
+def repetition_penalty_processor(penalty: float):
+    """A LogitsProcessorList applying the CTRL repetition penalty (transformers' `repetition_penalty`: a seen
+    token's logit divided by `penalty` when positive, multiplied when negative) to the ids the language model can
+    emit; None for penalty 1.
+
+    Why not transformers' own: it gathers the scores at every input id, and a model whose image token sits past its
+    LM head (Mllama: `<|image|>` = vocabulary size) makes it index out of range on transformers 4.x."""
+    if penalty == 1.0:
+        return None
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class RepetitionPenalty(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores = scores.clone()
+            for row in range(input_ids.shape[0]):
+                ids = input_ids[row][input_ids[row] < scores.shape[-1]]
+                seen = scores[row, ids]
+                scores[row, ids] = torch.where(seen < 0, seen * penalty, seen / penalty)
+            return scores
+
+    return LogitsProcessorList([RepetitionPenalty()])
+
+
 def raise_if_stopped(stop_requested: Callable[[], bool] | None) -> None:
     if stop_requested is not None and stop_requested():
         raise GenerationStopped("generation was interrupted")

@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 import torch
 
-from .generation import cap_new_tokens, max_positions, raise_if_stopped, stopping_criteria
+from .generation import (cap_new_tokens, max_positions, raise_if_stopped, repetition_penalty_processor,
+                         stopping_criteria)
 from .hf_compat import (folder_family_requirement, images_kwargs, no_legacy_image_expansion, prompt_images,
                         require_transformers, text_only_by_tokenizer)
 from .mm_prompt import MMPrompt
@@ -710,7 +711,8 @@ class GenerationSettings:
     seed: int = 0
 
     def generate_kwargs(self) -> dict:
-        kwargs = dict(do_sample=self.do_sample, repetition_penalty=self.repetition_penalty)
+        kwargs = dict(do_sample=self.do_sample, repetition_penalty=1.0,  # applied by our own processor (why: there)
+                      logits_processor=repetition_penalty_processor(self.repetition_penalty))
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p)
         else:  # not the model's generation_config sampling values: greedy means greedy
