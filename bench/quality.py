@@ -34,7 +34,7 @@ DEFAULT_SEEDS = 50
 EVAL_SEED_BASE = 1_000_000  # world evaluation seeds: EVAL_SEED_BASE + i (training uses 0..99_999)
 MAX_SAMPLES = 8
 TILE = 128
-LABEL_LINES = 4
+LABEL_LINES = 6
 
 
 def eval_seeds(n_seeds: int) -> list[int]:
