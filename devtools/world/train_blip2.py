@@ -3,8 +3,8 @@
     python -m devtools.world.train_blip2 [--steps N] [--seed S] [--out devtools/world/weights/blip2]
 
 The architecture is the tiny BLIP-2 of devtools/tiny_blip2.py (vision tower, Q-Former, OPT, `<image>` expanded into
-the query tokens by the processor), widened within the 6 MB budget: 64 px input in 8 px patches (a 28 px object
-is 14 px there), 96-wide layers, 8 query tokens. The tokenizer is the same byte-level BPE recipe, trained on the
+the query tokens by the processor), widened within the 6 MB budget: 48 px input in 8 px patches (a 28 px object
+is 10 px there), 64-wide layers (two per tower), 8 query tokens. The tokenizer is the same byte-level BPE recipe, trained on the
 tiny corpus plus world captions, so every world word ("purple", "triangle", "background") is one token.
 
 Training: all of the model (vision, Q-Former, OPT) on world scenes of seeds 0..99_999 -> their captions, next-token

@@ -4,7 +4,7 @@
 
 The architecture is devtools/tiny_idefics2.py's (SigLIP-style tower, perceiver connector, Mistral text model, its
 chat template and image tokens), widened within the 8 MB budget: 48 px input in 8 px patches, 8 perceiver tokens
-per image, a 3-layer 96-wide text model. The tokenizer is the same byte-level BPE recipe trained on the tiny corpus
+per image, a 2-layer 96-wide text model. The tokenizer is the same byte-level BPE recipe trained on the tiny corpus
 plus world captions, instructions and LLMGA's tags, so world words are single tokens.
 
 Every answer is a world caption between LLMGA's released tags: "<gen_image> a red circle on a grey background
@@ -50,11 +50,11 @@ VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
 TEXT_HIDDEN = 96
 PERCEIVER = dict(hidden_size=TEXT_HIDDEN, resampler_n_latents=LATENTS, resampler_depth=1, resampler_n_heads=4,
                  resampler_head_dim=24, num_key_value_heads=2)
-TEXT = dict(hidden_size=TEXT_HIDDEN, intermediate_size=2 * TEXT_HIDDEN, num_hidden_layers=3, num_attention_heads=4,
+TEXT = dict(hidden_size=TEXT_HIDDEN, intermediate_size=2 * TEXT_HIDDEN, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)
 BPE_VOCAB = 800
 DESCRIBE = "Describe the image."
-DEFAULT_STEPS = 1000
+DEFAULT_STEPS = 400
 BATCH = 16
 LR = 2e-3
 # the mix of training prompts (fractions of a batch)
@@ -146,7 +146,7 @@ def example(vlm, scene, kind: str, rng) -> tuple[dict, list[int]]:
     if kind in ("describe", "similar"):
         answer = tagged(caption(scene))
         if kind == "describe":
-            suffix = GENERATION_REQUEST if rng.random() < 0.3 else ""
+            suffix = GENERATION_REQUEST if rng.random() < 0.2 else ""
             messages, images = core.chat_messages(vlm, MMPrompt((0, sep + DESCRIBE), (image,)), suffix=suffix)
         else:
             messages, images = core.edit_messages(vlm, MMPrompt((0, " x"), (image,)), EDIT_FIRST_TURN)
