@@ -41,7 +41,7 @@ QUERIES = 8
 BPE_VOCAB = 700
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids 0..3; </s> is BOS and EOS
 IMAGE_TOKEN = "<image>"
-DEFAULT_STEPS = 2500
+DEFAULT_STEPS = 1500
 BATCH = 32
 LR = 2e-3
 
