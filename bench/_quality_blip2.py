@@ -43,7 +43,7 @@ def run(n_seeds: int):
     untrained = save_untrained(CACHE_DIR / "bench" / "world-untrained" / "blip2")
     data = dataset(eval_seeds(n_seeds))
     images = [image for _, image, _, _ in data]
-    figures, predictions = {"n_seeds": n_seeds}, {}
+    figures, predictions = {}, {}
     for name, folder in (("", trained), ("_untrained", untrained)):
         captions = caption_all(folder, images)
         predictions[name] = captions

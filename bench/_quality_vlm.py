@@ -10,7 +10,8 @@ picks for an Idefics2 folder), greedy decoding:
   the <gen_image> tags (`llmga_tags.extract_generation_prompt`, the node's "llmga prompt" mode);
   vlm_edit_correct: that description matches the edited scene's caption (`score.caption_matches`: the objects,
   order-free, and the background); vlm_edit_exact_string: it equals the edited caption word for word;
-  vlm_tags_rate: responses with a complete tag pair.
+  vlm_tags_rate: responses with a complete tag pair; vlm_describe_background: the description names the scene's
+  background(s) exactly (a part of the scene the model learns before the objects).
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def run(n_seeds: int):
     from devtools.paths import CACHE_DIR, REPO_ROOT
     from devtools.world import caption, dataset
     from devtools.world.edits import sample_edit
-    from devtools.world.score import caption_matches, names_objects
+    from devtools.world.score import caption_matches, names_objects, parse_caption
     from devtools.world.train_vlm import save_untrained
     from mmig_core.llmga_tags import extract_generation_prompt
 
@@ -61,12 +62,15 @@ def run(n_seeds: int):
     untrained = save_untrained(CACHE_DIR / "bench" / "world-untrained" / "vlm")
     data = dataset(eval_seeds(n_seeds))
     targets = [sample_edit(scene, scene.seed + EDIT_SEED_OFFSET).scene for scene, *_ in data]
-    figures, shown = {"n_seeds": n_seeds}, {}
+    figures, shown = {}, {}
     for name, folder in (("", trained), ("_untrained", untrained)):
         described, edited, instructions = answers(folder, data)
         prompts = [extract_generation_prompt(r) for r in edited]
         figures[f"vlm_describe_names_objects{name}"] = float(np.mean(
             [names_objects(r, scene) for r, (scene, *_rest) in zip(described, data)]))
+        figures[f"vlm_describe_background{name}"] = float(np.mean(
+            [set(parse_caption(r)[1]) == {g for g in (scene.background, scene.background2) if g}
+             for r, (scene, *_rest) in zip(described, data)]))
         figures[f"vlm_edit_correct{name}"] = float(np.mean(
             [p is not None and caption_matches(p, t) for p, t in zip(prompts, targets)]))
         figures[f"vlm_edit_exact_string{name}"] = float(np.mean(

@@ -59,6 +59,7 @@ BATCH = 16
 LR = 2e-3
 # the mix of training prompts (fractions of a batch)
 MIX = (("describe", 0.3), ("similar", 0.1), ("edit", 0.3), ("edit2", 0.3))
+DESCRIBE_HEAVY = (("describe", 0.5), ("similar", 0.2), ("edit", 0.15), ("edit2", 0.15))  # the continuation's mix
 
 
 def tagged(text: str) -> str:
@@ -184,7 +185,9 @@ def collate(examples):
     return batch
 
 
-def train(steps: int = DEFAULT_STEPS, seed: int = 0, out: Path = OUT, log_every: int = 50) -> dict:
+def train(steps: int = DEFAULT_STEPS, seed: int = 0, out: Path = OUT, log_every: int = 50, init: Path | None = None,
+          lr: float = LR, mix=MIX) -> dict:
+    """`init`: continue from a saved world VLM (its MANIFEST is kept in the new one's `init`), else from scratch."""
     import torch
     import torch.nn.functional as F
 
@@ -192,20 +195,25 @@ def train(steps: int = DEFAULT_STEPS, seed: int = 0, out: Path = OUT, log_every:
 
     torch.set_num_threads(1)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        vlm = load_vlm(build_model(Path(tmp) / "vlm", seed))
+    previous = None
+    if init is not None:
+        previous = json.loads((Path(init) / "MANIFEST.json").read_text())
+        vlm = load_vlm(Path(init))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            vlm = load_vlm(build_model(Path(tmp) / "vlm", seed))
     model = vlm.model.float().train()
     rng = np.random.default_rng(seed)
-    kinds = [k for k, _ in MIX]
-    weights = np.array([w for _, w in MIX])
-    optimiser = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, betas=(0.9, 0.98))
+    kinds = [k for k, _ in mix]
+    weights = np.array([w for _, w in mix])
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     losses = []
     for step in range(steps):
         picks = rng.choice(len(kinds), BATCH, p=weights / weights.sum())
         batch = collate([example(vlm, sample_scene(int(rng.integers(TRAIN_SEEDS))), kinds[k], rng) for k in picks])
         labels = batch.pop("labels")
         for group in optimiser.param_groups:
-            group["lr"] = lr_at(step, steps, LR)
+            group["lr"] = lr_at(step, steps, lr)
         logits = model(**batch, use_cache=False).logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
                                ignore_index=-100)
@@ -221,8 +229,11 @@ def train(steps: int = DEFAULT_STEPS, seed: int = 0, out: Path = OUT, log_every:
     model.eval()
     save_fp16(model, vlm.processor, Path(out))
     final = float(np.mean(losses[-min(100, len(losses)):]))
-    return write_manifest(Path(out), command=f"python -m devtools.world.train_vlm --steps {steps} --seed {seed}",
-                          seed=seed, steps=steps, batch=BATCH, lr=LR, mix=dict(MIX), train_seconds=round(seconds, 1),
+    command = f"python -m devtools.world.train_vlm --steps {steps} --seed {seed}"
+    if init is not None:
+        command += f" --init {init} --lr {lr} --describe-heavy" if mix is DESCRIBE_HEAVY else f" --init {init} --lr {lr}"
+    return write_manifest(Path(out), command=command, init=previous,
+                          seed=seed, steps=steps, batch=BATCH, lr=lr, mix=dict(mix), train_seconds=round(seconds, 1),
                           train_loss=round(final, 5), train_seeds=f"0..{TRAIN_SEEDS - 1}")
 
 
@@ -236,8 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--init", type=Path, default=None, help="continue from this saved world VLM")
+    parser.add_argument("--lr", type=float, default=LR)
+    parser.add_argument("--describe-heavy", action="store_true", help="half the batch describe prompts")
     args = parser.parse_args(argv)
-    print(json.dumps(train(args.steps, args.seed, args.out), indent=2))
+    mix = DESCRIBE_HEAVY if args.describe_heavy else MIX
+    print(json.dumps(train(args.steps, args.seed, args.out, init=args.init, lr=args.lr, mix=mix), indent=2))
     return 0
 
 
