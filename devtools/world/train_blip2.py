@@ -1,0 +1,238 @@
+"""Train a small BLIP-2 (OPT) to caption the scene world; saved with save_pretrained for MMIG BLIP-2 Loader.
+
+    python -m devtools.world.train_blip2 [--steps N] [--seed S] [--out devtools/world/weights/blip2]
+
+The architecture is the tiny BLIP-2 of devtools/tiny_blip2.py (vision tower, Q-Former, OPT, `<image>` expanded into
+the query tokens by the processor), widened within the 6 MB budget: 48 px input in 8 px patches (a 28 px object
+is 10 px there), 64-wide layers (two per tower), 8 query tokens. The tokenizer is the same byte-level BPE recipe, trained on the
+tiny corpus plus world captions, so every world word ("purple", "triangle", "background") is one token.
+
+Training: all of the model (vision, Q-Former, OPT) on world scenes of seeds 0..99_999 -> their captions, next-token
+cross-entropy on the caption and its end-of-sequence token. This is the loss of `mmig_core.blip2_loss` (MMIG's
+L_BLIP2) plus the EOS term, which the pack's loss leaves out (it scores a given caption; a captioner must also
+learn where to stop). Pixel values come from the saved processor itself, so training sees what
+`mmig_core.blip2.caption_images` (the node's function) feeds the model. Deterministic: one thread, seeded.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+from devtools.paths import REPO_ROOT  # noqa: E402
+from devtools.world import BACKGROUNDS, COLOURS, SHAPES, caption, render, sample_scene  # noqa: E402
+
+OUT = REPO_ROOT / "devtools" / "world" / "weights" / "blip2"
+TRAIN_SEEDS = 100_000  # world training scenes: seeds 0..99_999 (evaluation: 1_000_000 + i)
+IMAGE_SIZE = 48
+PATCH = 8
+WIDTH = 64
+QUERIES = 8
+BPE_VOCAB = 700
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids 0..3; </s> is BOS and EOS
+IMAGE_TOKEN = "<image>"
+DEFAULT_STEPS = 1500
+BATCH = 32
+LR = 2e-3
+
+
+def world_corpus(n: int = 3000) -> list[str]:
+    """Captions of training scenes plus every world word, for the tokenizer (and the VLM's: train_vlm)."""
+    words = " ".join(list(COLOURS) + list(SHAPES) + list(BACKGROUNDS))
+    return [caption(sample_scene(s)) for s in range(n)] + [words, "an orange", "an a on and background"]
+
+
+def build_tokenizer(extra_lines: list[str] | None = None):
+    """OPT-style byte-level BPE (as devtools/tiny_blip2.build_tokenizer) trained on its corpus + the world's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AddedToken, GPT2TokenizerFast
+
+    from devtools.tiny_blip2 import CORPUS
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator(CORPUS.splitlines() + world_corpus() + list(extra_lines or []), trainer=trainer)
+    bos = raw.token_to_id("</s>")
+    raw.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B",
+                                                      special_tokens=[("</s>", bos)])
+    size = raw.get_vocab_size()
+    assert [raw.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3]
+    tok = GPT2TokenizerFast(tokenizer_object=raw, bos_token="</s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<pad>", add_prefix_space=False)
+    tok.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+    tok.model_max_length = 64
+    assert len(tok) == size + 1 and tok.convert_tokens_to_ids(IMAGE_TOKEN) == size
+    for word in list(COLOURS) + list(SHAPES) + list(BACKGROUNDS):  # every world word one token after a space
+        assert len(tok.tokenize(" " + word)) == 1, (word, tok.tokenize(" " + word))
+    return tok
+
+
+def build_model(seed: int):
+    """(model, processor): the untrained world BLIP-2, initialised by transformers' own init under `seed`."""
+    import torch
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
+                              Blip2VisionConfig, BlipImageProcessor, OPTConfig)
+
+    tok = build_tokenizer()
+    vocab = len(tok)
+    vision = Blip2VisionConfig(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2,
+                               num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH)
+    qformer = Blip2QFormerConfig(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2,
+                                 num_attention_heads=4, cross_attention_frequency=1, encoder_hidden_size=WIDTH,
+                                 max_position_embeddings=64, vocab_size=vocab)
+    text = OPTConfig(vocab_size=vocab, hidden_size=WIDTH, word_embed_proj_dim=WIDTH, ffn_dim=2 * WIDTH,
+                     num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+                     bos_token_id=2, eos_token_id=2, pad_token_id=1, dropout=0.0)
+    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                         text_config=text.to_dict(), num_query_tokens=QUERIES,
+                         image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN))
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config)
+    image_processor = BlipImageProcessor(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_resize=True, do_rescale=True, do_normalize=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+    processor = Blip2Processor(image_processor=image_processor, tokenizer=tok, num_query_tokens=QUERIES)
+    return model, processor
+
+
+def pixel_batch(processor, images: list[np.ndarray]):
+    return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def encode_captions(processor, captions: list[str]):
+    """input_ids [B, L] = query tokens, </s>, caption, </s>, padded; labels = the caption and its </s>, else -100."""
+    import torch
+
+    prefix = processor(images=[np.zeros((8, 8, 3), np.uint8)], text=[""], return_tensors="pt")["input_ids"][0].tolist()
+    tok = processor.tokenizer
+    rows = [prefix + tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in captions]
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        labels[i, len(prefix):len(row)] = torch.tensor(row[len(prefix):])
+        mask[i, :len(row)] = 1
+    return ids, labels, mask
+
+
+def lm_loss(logits, labels):
+    import torch.nn.functional as F
+    logits = logits[:, -labels.shape[1]:]  # older versions prepend the query outputs to the logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
+def lr_at(step: int, steps: int, peak: float) -> float:
+    import math
+    warm = max(1, steps // 20)
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:  # noqa: BLE001 - informative only
+        return "unknown"
+
+
+def write_manifest(folder: Path, **fields) -> dict:
+    files = {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "MANIFEST.json"}
+    manifest = {**fields, "git_commit_of_trainer": git_commit(), "sha256": files}
+    (folder / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def save_fp16(model, processor, folder: Path) -> None:
+    """save_pretrained in fp16 (the loader casts to the dtype it is asked for); processor files beside it."""
+    import copy
+
+    import torch
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.safetensors"):
+        old.unlink()
+    copy.deepcopy(model).to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+
+
+def train(steps: int = DEFAULT_STEPS, seed: int = 0, out: Path = OUT, log_every: int = 100) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    model, processor = build_model(seed)
+    model.train()
+    rng = np.random.default_rng(seed)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, betas=(0.9, 0.98))
+    losses = []
+    for step in range(steps):
+        seeds = rng.integers(0, TRAIN_SEEDS, BATCH)
+        scenes = [sample_scene(int(s)) for s in seeds]
+        pixels = pixel_batch(processor, [render(s)[0] for s in scenes])
+        ids, labels, mask = encode_captions(processor, [caption(s) for s in scenes])
+        for group in optimiser.param_groups:
+            group["lr"] = lr_at(step, steps, LR)
+        logits = model(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
+        loss = lm_loss(logits, labels)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        losses.append(loss.item())
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"step {step:5d}  loss {np.mean(losses[-log_every:]):.4f}  "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
+    seconds = time.perf_counter() - start
+    model.eval()
+    save_fp16(model, processor, Path(out))
+    final = float(np.mean(losses[-min(100, len(losses)):]))
+    return write_manifest(Path(out), command=f"python -m devtools.world.train_blip2 --steps {steps} --seed {seed}",
+                          seed=seed, steps=steps, batch=BATCH, lr=LR, train_seconds=round(seconds, 1),
+                          train_loss=round(final, 5), train_seeds=f"0..{TRAIN_SEEDS - 1}")
+
+
+def save_untrained(folder: Path, seed: int = 0) -> Path:
+    """The baseline: the same architecture at its initialisation (step 0), saved as the loader reads it."""
+    model, processor = build_model(seed)
+    save_fp16(model.eval(), processor, Path(folder))
+    return Path(folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devtools.world.train_blip2", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    manifest = train(args.steps, args.seed, args.out)
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
