@@ -71,7 +71,8 @@ def _block_calls(guided):
     unet = guided.model.diffusion_model
     for kind in ("input", "output"):
         for i, block in enumerate(getattr(unet, f"{kind}_blocks")):
-            handles.append(block.register_forward_hook(
+            # the host's forward_timestep_embed calls each block's layers, not the block: hook its first layer
+            handles.append(block[0].register_forward_hook(
                 lambda _m, args, _out, kind=kind, i=i: calls.append((kind, i, torch.is_grad_enabled(),
                                                                      args[0].shape[0]))))
     return calls, handles
