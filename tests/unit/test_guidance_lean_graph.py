@@ -218,6 +218,9 @@ class _RunsOutOfMemory:
     def __init__(self, error):
         self.error, self.raised = error, 0
 
+    def __deepcopy__(self, memo):  # ModelPatcher.clone deep-copies model_options: keep one counter
+        return self
+
     def __call__(self, apply_model, args):
         if torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and not self.raised:
             self.raised += 1
