@@ -6,6 +6,8 @@
 #   make demo                       the flagship workflow, headless; prints where its outputs went
 #   make run WORKFLOW=workflows/<name>.json OUT=<dir> [TINY=1]   (the API twin workflows/api/<name>.api.json)
 #   make bench                      every benchmark; results in .cache/bench/<name>.json
+#   make bench-real                 the real SD1.5 and SDXL shapes (random weights) at 512 px on the CPU, minutes and
+#                                   ~20 GB RAM for SDXL; .cache/bench/real.json (bench/gpu.sh: 1024 px on CUDA, never CI)
 #   make test-transformers          the VLM and BLIP-2 tests under the oldest transformers the pack supports and
 #                                   4.57 (extra environments in .cache/tf-envs; TF_VERSIONS="..." picks others)
 # COMFYUI_PATH=/path/to/ComfyUI makes all of them use that ComfyUI instead of the pinned one.
@@ -14,7 +16,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup browser-setup test test-browser test-transformers screenshots demo run bench clean
+.PHONY: setup browser-setup test test-browser test-transformers screenshots demo run bench bench-real clean
 
 setup:
 	@bash scripts/setup.sh
@@ -48,6 +50,10 @@ run: setup
 
 bench: setup
 	$(PY) -m bench
+
+# Not part of `bench`: writes multi-GB checkpoints under .cache/bench-real/. FAMILIES=sd15 REPEATS=1 to shorten.
+bench-real: setup
+	MALLOC_MMAP_THRESHOLD_=131072 $(PY) -m bench._real --families $(or $(FAMILIES),sd15,sdxl) --size 512 --repeats $(or $(REPEATS),3) --out .cache/bench/real.json
 
 clean:
 	rm -rf .cache/tiny-models .cache/tiny-models-tf .cache/tf-envs .cache/bench out

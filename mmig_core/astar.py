@@ -199,6 +199,22 @@ def make_weights_differentiable(module: torch.nn.Module) -> int:
     return replaced
 
 
+@contextmanager
+def frozen(module: torch.nn.Module):
+    """For the duration: no parameter of `module` requires a gradient (restored on exit). A guided pass needs the
+    gradient of its input (A-STAR's latent, the layered embeddings) only; a weight that requires one would make
+    autograd keep every layer's input for the weight gradients and, with backward(), fill .grad with a copy of
+    the weights."""
+    thawed = [p for p in module.parameters() if p.requires_grad and not p.is_inference()]
+    try:
+        for p in thawed:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in thawed:
+            p.requires_grad_(True)
+
+
 def has_inference_weights(module: torch.nn.Module) -> bool:
     return any(p.is_inference() for p in module.parameters())
 
@@ -310,6 +326,19 @@ def cross_attention_blocks(diffusion_model: torch.nn.Module) -> list[tuple[str, 
             found.append(("output", i, level))
         level -= count(block, "Upsample")
     return found
+
+
+def capture_layer_count(diffusion_model: torch.nn.Module, blocks: list[tuple[str, int]]) -> int:
+    """How many cross-attention layers (modules with an attn2) the given (block name, index) blocks hold: the
+    number of maps one UNet pass captures there, so the last capture layer is known when it runs."""
+    def block(name, index):
+        if name == "middle":
+            return getattr(diffusion_model, "middle_block", None)
+        blocks_of = getattr(diffusion_model, f"{name}_blocks", None)
+        return blocks_of[index] if blocks_of is not None and index < len(blocks_of) else None
+
+    found = (block(name, index) for name, index in blocks)
+    return sum(getattr(m, "attn2", None) is not None for b in found if b is not None for m in b.modules())
 
 
 def capture_blocks(diffusion_model: torch.nn.Module, target_level: int = 2) -> list[tuple[str, int]]:

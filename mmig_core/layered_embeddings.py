@@ -122,8 +122,9 @@ def optimise_layered_embeddings(predict_noise, latent: torch.Tensor, mask: torch
                 log.warning("LayeredEmbeddings: NaN/Inf loss at step %d; step skipped.", i)
                 result.skipped_steps += 1
             else:
-                optimiser.zero_grad()
-                loss.backward()
+                # The gradient of the two embeddings only (not backward()): no weight of the model gets a .grad.
+                for param, grad in zip(params, torch.autograd.grad(loss, params)):
+                    param.grad = grad
                 optimiser.step()
                 result.losses.append(float(loss.detach()))
             if on_step is not None:
@@ -151,7 +152,7 @@ def optimise_for_model(base, device, samples, mask, foreground, background, **kw
     model_sampling, diffusion_model), outside the host's inference mode. foreground / background are
     (cond, extras) pairs; SDXL's pooled output is blended like the embeddings and the size
     conditioning kept. Returns (result, the blended conditioning's extras)."""
-    from .astar import make_weights_differentiable, norms_on_copies
+    from .astar import frozen, make_weights_differentiable, norms_on_copies
 
     (fg, fg_extra), (bg, bg_extra) = foreground, background
     alpha = kwargs.get("alpha", DEFAULT_ALPHA)
@@ -161,7 +162,10 @@ def optimise_for_model(base, device, samples, mask, foreground, background, **kw
         blended_extra["pooled_output"] = blend(fg_extra["pooled_output"], bg_extra["pooled_output"], alpha)
     adm_args = {"width": width, "height": height, "target_width": width, "target_height": height,
                 **blended_extra, "device": device}
-    with torch.inference_mode(False), torch.enable_grad(), norms_on_copies(base.diffusion_model):
+    # Only the embeddings need a gradient: the weights are frozen for the duration and the latent is detached, so
+    # the graph holds just what reaches the loss from the cross-attention's keys and values.
+    with torch.inference_mode(False), torch.enable_grad(), norms_on_copies(base.diffusion_model), \
+            frozen(base.diffusion_model):
         make_weights_differentiable(base.diffusion_model)
         adm = base.encode_adm(**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in adm_args.items()})
         extra = {} if adm is None else {"y": adm.clone().to(device)}

@@ -11,6 +11,14 @@ imported (the ModelPatcher and CLIP are duck-typed), so in-process tests and ben
   only) keeps the prediction of the gradient pass instead: one UNet forward less per guided step.
 - `post_cfg(args)`: moves the sampler's own latent (in place: its step starts from the moved z).
 
+The gradient graph holds only what the loss needs (`lean_graph`, on by default; issue 18 item 3): the losses read
+only the capture layers' maps, so the pass with gradients runs the sampler's cond rows alone (the uncond rows'
+maps are never read and the UNet treats each row on its own), and it stops at the last capture layer (a private
+exception from that layer's hook, caught here): the blocks after it (SDXL's 64x64 and 128x128 up-blocks, its
+most expensive activations) neither run nor record a graph. Where that pass's prediction is needed (reuse_prediction,
+steps that only measure), the full batch runs and the blocks after the last capture layer run without gradients.
+The latent moves identically to float tolerance (tests/unit/test_guidance_lean_graph.py).
+
 Which steps are guided: the first `guided_steps` of a sampling run (A&E's max_iter_to_alter, kept for saved
 workflows) that also lie inside [start_percent, end_percent] of the schedule, read off the noise level as the
 host's own start/end controls (ControlNet, conditioning ranges) do. Interruption is checked before every guided
@@ -51,6 +59,7 @@ class AStarSettings:
     reuse_prediction: bool = False       # a_star: keep the gradient pass's prediction (faster, not the paper's)
     start_percent: float = 0.0           # guide only between these fractions of the schedule (host convention)
     end_percent: float = 1.0
+    lean_graph: bool = True              # the graph holds only what the loss needs (see the module docstring)
 
     def __post_init__(self):
         if not (0.0 <= self.start_percent <= self.end_percent <= 1.0):
@@ -107,16 +116,34 @@ class _Run:
     records: list[StepRecord] = field(default_factory=list)
 
 
+class _CapturedEveryLayer(Exception):
+    """Raised by the last capture layer's hook to end a pass with gradients there (caught in _forward_capturing)."""
+
+
+class GuidanceOutOfMemoryError(torch.cuda.OutOfMemoryError):
+    """The guided pass did not fit; a torch OutOfMemoryError, so the host frees its models as for its own."""
+
+
 class AStarGuidance:
     def __init__(self, settings: AStarSettings, diffusion_model: torch.nn.Module, input_scale, progress,
-                 sigma_window: tuple[float, float] = (float("inf"), 0.0), check_interrupt=None):
+                 sigma_window: tuple[float, float] = (float("inf"), 0.0), check_interrupt=None,
+                 capture_layers: int | None = None, may_stop_early: bool = True):
         """input_scale(sigma [B]) -> [B, 1, 1, 1]: the host's x -> UNet-input factor (z = s * x).
         progress(sigma) -> float in [0, 1]: how far through the training schedule the noise level is
         (the step-size schedule's fallback on hosts that do not tell the sampler's sigmas).
         sigma_window = (highest, lowest) noise level guided: start_percent and end_percent as sigmas.
         check_interrupt(): raises when the user cancelled; called at every hooked attention layer and at every
         module forward and every tensor the guided passes save or read back (mmig_core.interrupt), since a refinement step runs up to
-        max_refine_iters guided forward + backward passes between two of the sampler's own checks."""
+        max_refine_iters guided forward + backward passes between two of the sampler's own checks.
+        capture_layers: how many attention layers the capture blocks hold (the last one ends a lean pass; None:
+        unknown, the pass runs to the end). may_stop_early: False when another node's UNet wrapper sits between
+        ours and the model (an exception through it might upset it): the blocks after the last capture layer then
+        run without gradients instead of not at all."""
+        self.capture_layers = capture_layers
+        self.may_stop_early = may_stop_early
+        self._stop_mode: str | None = None   # during a pass: None, "stop" or "no_grad" after the last capture layer
+        self.cond_rows_only = True  # the pass with gradients on the cond rows alone (False after a patch refused it)
+        self._last_cond_only = False
         self.settings = settings
         self.sigma_window = sigma_window
         self.check_interrupt = check_interrupt
@@ -157,6 +184,10 @@ class AStarGuidance:
         else:
             self._layer_maps.append(astar.text_token_maps(probs[self._cond_rows], self.settings.word_positions))
         self._map_size = astar.layer_size(extra_options.get("original_shape"), q.shape[1])
+        if self._stop_mode is not None and self.capture_layers and len(self._layer_maps) >= self.capture_layers:
+            if self._stop_mode == "stop":
+                raise _CapturedEveryLayer()
+            torch.set_grad_enabled(False)  # the rest of the UNet: no graph (restored in _forward_capturing)
         return astar.attention_output(probs, v)
 
     def unet_wrapper(self, apply_model, args):
@@ -166,14 +197,26 @@ class AStarGuidance:
         step = self._track_step(sigma)
         if not self._guides(step, sigma):
             return apply_model(x, sigma, **c)
-        try:
-            return self._guided_forward(apply_model, x, sigma, c, chunks, step)
-        except torch.cuda.OutOfMemoryError:
-            raise  # the host's own handling: it frees models and says so
-        except (RuntimeError, ValueError) as exc:
-            # An error, not a skipped step: sampling on unguided would give an image A-STAR never touched.
-            self._capturing, self._layer_maps, self._heads, self._pending = False, [], 0, None
-            raise RuntimeError(guided_pass_failure(step, exc, c.get("transformer_options", {}))) from exc
+        out_of_memory = None
+        for attempt in range(2):
+            try:
+                return self._guided_forward(apply_model, x, sigma, c, chunks, step)
+            except (RuntimeError, ValueError) as exc:
+                self._capturing, self._layer_maps, self._heads, self._pending = False, [], 0, None
+                if is_out_of_memory(exc):
+                    out_of_memory = out_of_memory_message(step, exc, x, len(chunks), self.settings)
+                    break
+                if self._last_cond_only and attempt == 0:
+                    # Some other patch may not take the cond rows alone: the whole batch, from now on.
+                    self.cond_rows_only = False
+                    self._warn(f"A-STAR: the pass with gradients on the cond rows alone failed ({exc}); "
+                               f"running it on the whole batch.")
+                    continue
+                # An error, not a skipped step: sampling on unguided would give an image A-STAR never touched.
+                raise RuntimeError(guided_pass_failure(step, exc, c.get("transformer_options", {}))) from exc
+        # Raised outside the except block: the failed pass's frames (its graph) are not kept alive by the traceback.
+        free_accelerator_cache()
+        raise GuidanceOutOfMemoryError(out_of_memory)
 
     def post_cfg(self, args):
         denoised, x = args["denoised"], args["input"]
@@ -216,21 +259,34 @@ class AStarGuidance:
         refine = s.scale_factor > 0 and step in s.refinement and inside
         alpha = self._alpha(sigma, c) if (update or refine) else 0.0
 
-        def repeat(delta):
-            return delta.repeat(n_chunks, *([1] * (delta.ndim - 1)))
+        def repeat(delta, times=n_chunks):
+            return delta.repeat(times, *([1] * (delta.ndim - 1)))
 
-        with torch.inference_mode(False), torch.enable_grad(), interruptible(self.check_interrupt):
+        # The pass's own prediction is needed where it is returned: reuse_prediction, or a step that only measures.
+        need_output = s.reuse_prediction or not (update or refine)
+        cond_only = (s.lean_graph and not need_output and len(cond_chunks) < n_chunks and self.cond_rows_only)
+        self._last_cond_only = cond_only
+
+        with torch.inference_mode(False), torch.enable_grad(), interruptible(self.check_interrupt), \
+                astar.frozen(self.diffusion_model):
             astar.make_weights_differentiable(self.diffusion_model)
             rows = torch.cat([torch.arange(i * batch, (i + 1) * batch) for i in cond_chunks]).to(x.device)
             x_base, c_work, sigma_work = x.detach().clone(), _clone_tensors(c), sigma.clone()
             scale = self.input_scale(sigma_work[:batch]).to(x_base)
+            if cond_only:  # the pass with gradients on the cond rows alone: their maps are all the loss reads
+                x_base, sigma_work = x_base[rows], sigma_work[rows.to(sigma_work.device)]
+                c_work = _cond_rows_of(c_work, rows, x.shape[0], [chunks[i] for i in cond_chunks])
+                rows, grad_chunks = torch.arange(len(rows), device=x.device), list(range(len(cond_chunks)))
+            else:
+                grad_chunks = cond_chunks
+            n_in = x_base.shape[0] // batch
 
             def evaluate(delta):
                 if self.check_interrupt is not None:
                     self.check_interrupt()  # a refinement step may run max_refine_iters UNet passes
-                x_in = (x_base + repeat(delta)).requires_grad_(True)
-                out, maps = self._forward_capturing(apply_model, x_in, sigma_work, c_work, rows)
-                return out.detach(), maps, x_in
+                x_in = (x_base + repeat(delta, n_in)).requires_grad_(True)
+                out, maps = self._forward_capturing(apply_model, x_in, sigma_work, c_work, rows, need_output)
+                return (None if out is None else out.detach()), maps, x_in
 
             def gradient(loss, x_in):
                 """grad of the summed loss with respect to the sampler's latent, as an x-space move per unit
@@ -240,7 +296,7 @@ class AStarGuidance:
                 if self.check_interrupt is not None:
                     self.check_interrupt()
                 grad_in = torch.autograd.grad(loss.sum(), x_in)[0]
-                return sum(grad_in[i * batch:(i + 1) * batch] for i in cond_chunks) / scale ** 2
+                return sum(grad_in[i * batch:(i + 1) * batch] for i in grad_chunks) / scale ** 2
 
             delta = torch.zeros_like(x_base[:batch])   # the move of the sampler's latent, in x units
             run = self._attend_excite if s.mode == ATTEND_AND_EXCITE else self._a_star
@@ -248,7 +304,8 @@ class AStarGuidance:
                                                          alpha, update, refine)
         self.run.records.append(record)
         if not record.updated:
-            return output
+            # a lean pass that stopped at the last capture layer made no prediction: the latent did not move
+            return output if output is not None else apply_model(x, sigma, **c)
         if s.reuse_prediction:
             # The returned prediction was made at x + delta_at_output; reusing its noise estimate at
             # x + delta shifts the denoised estimate by the difference.
@@ -339,12 +396,21 @@ class AStarGuidance:
             return astar.attend_excite_step_size(self.settings.scale_factor, i, len(sigmas) - 1)
         return self.settings.scale_factor * astar.step_size(1.0, self.progress(sigma))
 
-    def _forward_capturing(self, apply_model, x_in, sigma, c, rows):
+    def _forward_capturing(self, apply_model, x_in, sigma, c, rows, need_output=True):
+        """One UNet pass recording the capture layers' maps. Lean (settings.lean_graph): after the last capture
+        layer the pass stops (returns None for the prediction) unless need_output, or unless another wrapper sits
+        in between; then the rest runs without gradients."""
         self._capturing, self._cond_rows, self._layer_maps, self._heads = True, rows, [], 0
+        if self.settings.lean_graph and self.capture_layers:
+            self._stop_mode = "stop" if (self.may_stop_early and not need_output) else "no_grad"
+        grad_before = torch.is_grad_enabled()
         try:
             out = apply_model(x_in, sigma, **c)
+        except _CapturedEveryLayer:
+            out = None
         finally:
-            self._capturing = False
+            self._capturing, self._stop_mode = False, None
+            torch.set_grad_enabled(grad_before)
         if not self._layer_maps:
             raise RuntimeError("A-STAR captured no cross-attention maps: the model has no cross-attention "
                                "layer at the chosen blocks.")
@@ -401,6 +467,70 @@ class AStarGuidance:
         return self.runs + ([self.run.records] if self.run.records else [])
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA, MPS, XPU) or the CPU allocator's 'not enough memory' RuntimeError."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "not enough memory" in text)
+
+
+def out_of_memory_message(step: int, exc: BaseException, x: torch.Tensor, n_chunks: int, settings) -> str:
+    """The guided pass did not fit: how much it asked for and what to change."""
+    import re
+    text = str(exc)
+    asked = re.search(r"tried to allocate ([0-9.]+ ?[KMGT]?i?B)", text, re.IGNORECASE)
+    asked_bytes = re.search(r"tried to allocate (\d+) bytes", text, re.IGNORECASE)
+    if asked_bytes:
+        needed = f"{int(asked_bytes.group(1)) / 2 ** 30:.2f} GiB more"
+    elif asked:
+        needed = asked.group(1) + " more"
+    else:
+        needed = "more memory than was free"
+    where = ""
+    if x.device.type == "cuda" and torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(x.device)
+        where = f" ({free / 2 ** 30:.2f} GiB of the GPU's {total / 2 ** 30:.2f} GiB were free)"
+    h, w = x.shape[-2] * 8, x.shape[-1] * 8
+    return (f"MMIG A-STAR Guidance ran out of memory in its pass with gradients at step {step}: it needed {needed}"
+            f"{where}, at {w}x{h} px, a batch of {x.shape[0] // max(n_chunks, 1)} and {n_chunks} cond/uncond "
+            f"chunk(s). Generate at a smaller size or batch, guide fewer steps (guided_steps, now "
+            f"{settings.guided_steps}; 0 turns guidance off), or start ComfyUI with --lowvram so that the UNet's "
+            f"weights leave room for the gradients. Nothing was changed; the next prompt runs as usual.")
+
+
+def free_accelerator_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _cond_rows_of(c: dict, rows: torch.Tensor, full_batch: int, cond_kinds: list) -> dict:
+    """The model's keyword arguments for the cond rows of its batch: every batched tensor (c_crossattn, y,
+    c_concat, ControlNet residuals) sliced, transformer_options told the chunks that are left."""
+    def pick(value):
+        if torch.is_tensor(value) and value.ndim and value.shape[0] == full_batch:
+            return value[rows.to(value.device)]
+        if isinstance(value, dict):
+            return {k: pick(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(pick(v) for v in value)
+        return value
+
+    out = {}
+    for key, value in c.items():
+        if key == "transformer_options":
+            options = dict(value)
+            kinds = options.get("cond_or_uncond")
+            options["cond_or_uncond"] = list(cond_kinds)
+            uuids = options.get("uuids")
+            if isinstance(uuids, (list, tuple)) and kinds is not None and len(uuids) == len(kinds):
+                options["uuids"] = [u for u, kind in zip(uuids, kinds) if kind == COND]
+            out[key] = options
+        else:
+            out[key] = pick(value)
+    return out
+
+
 def guided_pass_failure(step: int, exc: Exception, transformer_options: dict) -> str:
     """What to tell the user when the pass with gradients fails: the error, and the MODEL's other patches
     (the usual cause: one holding tensors made under the host's inference mode, or changing them in place)."""
@@ -449,7 +579,10 @@ def guided_model(model, settings: AStarSettings, check_interrupt=None):
 
     window = (float(sampling.percent_to_sigma(settings.start_percent)),
               float(sampling.percent_to_sigma(settings.end_percent)))
-    guidance = AStarGuidance(settings, base.diffusion_model, input_scale, progress, window, check_interrupt)
+    previous_wrapper = patched.model_options.get("model_function_wrapper")
+    guidance = AStarGuidance(settings, base.diffusion_model, input_scale, progress, window, check_interrupt,
+                             capture_layers=astar.capture_layer_count(base.diffusion_model, blocks),
+                             may_stop_early=previous_wrapper is None)
     for name, index in blocks:
         patched.set_model_attn2_replace(guidance.attention_replace, name, index)
     for path, norm in astar.residual_norms(base.diffusion_model):  # see astar.residual_norms
