@@ -561,11 +561,21 @@ def trainable_hidden_states(vlm: VLM, inputs: dict) -> torch.Tensor:
     def keep(_module, _args, output):
         captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
     handle = text_decoder(vlm.model).register_forward_hook(keep)
+    forget_rope_deltas(vlm.model)
     try:
         vlm.model(**inputs, use_cache=False, **_one_logit(vlm.model))
     finally:
         handle.remove()
     return captured[-1]
+
+
+def forget_rope_deltas(model: torch.nn.Module) -> None:
+    """Qwen2/2.5/3-VL cache the multimodal RoPE offsets of the last generation (`rope_deltas`) and, on releases
+    before ~4.57, a forward without `cache_position` reuses them: after a describe, an encode of another prompt
+    on the same model got plain 1-D positions. Clearing them makes every plain forward compute its own."""
+    for module in (model, getattr(model, "model", None)):
+        if module is not None and getattr(module, "rope_deltas", None) is not None:
+            module.rope_deltas = None
 
 
 @torch.no_grad()
