@@ -315,7 +315,10 @@ def encode_captions(encoders, captions: list[str], batch: int = 32):
 
 
 def train_unet(seed: int, steps: int, n_captions: int, log, save, batch: int = 32, lr: float = 1e-3,
-               ema_decay: float = 0.99, warmup: int = 50, layouts: int = 4, max_seconds: float | None = None):
+               ema_decay: float = 0.99, warmup: int = 50, layouts: int = 4, max_seconds: float | None = None,
+               resume: dict[str, torch.Tensor] | None = None, first_step: int = 0):
+    """`resume`: ldm UNet weights (the committed EMA) to continue from, at step `first_step` of the data stream
+    (its batches and noise follow on from the first run's, never repeating them)."""
     from training.sdxl import (add_noise, added_conditioning, denoising_loss, load_text_encoders, load_unet,
                                noise_scheduler)
     init = init_checkpoint(seed)
@@ -324,6 +327,11 @@ def train_unet(seed: int, steps: int, n_captions: int, log, save, batch: int = 3
     exported = diffusers_unet_to_ldm(unet.state_dict())
     if set(exported) != set(init_ldm) or any(not torch.equal(exported[k], init_ldm[k].float()) for k in init_ldm):
         raise AssertionError("the diffusers -> ldm export does not reproduce the initial UNet")
+    if resume is not None:
+        to_diffusers = dict(zip(exported, unet.state_dict()))  # the export keeps the key order
+        if set(resume) != set(to_diffusers):
+            raise AssertionError("the weights to resume from are not this tiny SDXL UNet")
+        unet.load_state_dict({to_diffusers[k]: v.float() for k, v in resume.items()})
     encoders = load_text_encoders(init, tokenizer_folder())
     scheduler = noise_scheduler()
     pool = caption_pool(n_captions)
@@ -336,7 +344,7 @@ def train_unet(seed: int, steps: int, n_captions: int, log, save, batch: int = 3
     shared = share_context(unet)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng = random.Random(seed * 104729 + 3)
+    rng = random.Random(seed * 104729 + 3 + first_step)
     start = time.perf_counter()
     losses: list[float] = []
     done = 0
@@ -356,7 +364,7 @@ def train_unet(seed: int, steps: int, n_captions: int, log, save, batch: int = 3
         unique = torch.tensor(chosen + [len(pool)])
         shared.rows = torch.tensor(rows)
         latents = encode_closed_form(images_to_tensor(images))
-        sample_seeds = [seed * 1_000_003 + step * batch + i for i in range(batch)]
+        sample_seeds = [seed * 1_000_003 + (first_step + step) * batch + i for i in range(batch)]
         noisy, noise, timesteps = add_noise(scheduler, latents, {"sample_seed": sample_seeds})
         context, pool_vec = contexts[unique].float(), pooled[unique[shared.rows]].float()
         eps = unet(noisy, timesteps, context,
@@ -369,7 +377,7 @@ def train_unet(seed: int, steps: int, n_captions: int, log, save, batch: int = 3
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
-            decay = min(ema_decay, (1 + step) / (10 + step))
+            decay = ema_decay if resume is not None else min(ema_decay, (1 + step) / (10 + step))
             for k, v in unet.state_dict().items():
                 if v.dtype.is_floating_point:
                     ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
@@ -380,7 +388,7 @@ def train_unet(seed: int, steps: int, n_captions: int, log, save, batch: int = 3
             recent = sum(losses[-20:]) / len(losses[-20:])
             log(f"unet step {step} loss {recent:.5f} ({time.perf_counter() - start:.0f} s)")
         if save is not None and (step + 1) % 100 == 0 and step + 1 < steps:
-            save(diffusers_unet_to_ldm(ema), step + 1, sum(losses[-50:]) / len(losses[-50:]),
+            save(diffusers_unet_to_ldm(ema), first_step + step + 1, sum(losses[-50:]) / len(losses[-50:]),
                  time.perf_counter() - start)
     final = sum(losses[-50:]) / len(losses[-50:])
     return diffusers_unet_to_ldm(ema), final, time.perf_counter() - start, done
@@ -477,6 +485,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="stop the UNet early after this long (the manifest records the steps done)")
     parser.add_argument("--stage", choices=("all", "vae"), default="all",
                         help="vae: train the decoder only, into .cache/world/ (the next `all` run reuses it)")
+    parser.add_argument("--resume-steps", type=int, default=0,
+                        help="continue training the committed UNet this many more steps (same seed, batch and "
+                             "captions; the committed VAE decoder is kept); the manifest records both runs")
     parser.add_argument("--reuse-unet", action="store_true",
                         help="take the UNet from the committed file (same seed, batch, captions and --steps) instead "
                              "of training it: the UNet trains on the closed-form latents, so it does not depend on "
@@ -492,7 +503,17 @@ def main(argv: list[str] | None = None) -> None:
     from safetensors.torch import load_file, save_file
     commit = _git_commit()
     cache = _vae_cache(args.seed, args.vae_steps)
-    if cache.is_file() and cache.with_suffix(".json").is_file():
+    old = json.loads(MANIFEST_FILE.read_text()) if MANIFEST_FILE.is_file() else None
+    if args.resume_steps:
+        if old is None or (old["seed"], old["batch"], old["captions"]) != (args.seed, args.batch, args.captions):
+            raise SystemExit("--resume-steps: the committed UNet must exist and match --seed, --batch, --captions")
+        committed = {k: v.float() for k, v in load_file(str(WEIGHTS_FILE)).items()}
+        vae_sd = {k: v for k, v in committed.items() if k.startswith(tiny_sdxl.VAE_PREFIX)}
+        vae_info = {"seconds": old["train_seconds"]["vae"], "validation_mse": old["train_loss"]["vae_validation_mse"],
+                    "kept_step": old["steps"]["vae_decoder_kept"]}
+        args.vae_steps = old["steps"]["vae_decoder"]
+        log(f"resuming the committed UNet at step {old['steps']['unet']} (VAE decoder kept)")
+    elif cache.is_file() and cache.with_suffix(".json").is_file():
         vae_sd = load_file(str(cache))
         vae_info = json.loads(cache.with_suffix(".json").read_text())
         log(f"VAE from {cache}")
@@ -506,9 +527,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     text_digest = _tensor_digest(text_encoder_state_dict(args.seed))
 
+    first_step = old["steps"]["unet"] if args.resume_steps else 0
+    seconds_before = old["train_seconds"]["unet"] if args.resume_steps else 0.0
+
     def manifest(unet_steps: int, unet_loss: float, unet_seconds: float) -> dict:
-        command = (f"python -m devtools.world.train_sdxl --steps {unet_steps} --vae-steps {args.vae_steps} "
-                   f"--captions {args.captions} --batch {args.batch} --seed {args.seed}")
+        common = f"--captions {args.captions} --batch {args.batch} --seed {args.seed}"
+        if args.resume_steps:  # the first run's command, then this one's
+            command = f"{old['command']} && python -m devtools.world.train_sdxl --resume-steps " \
+                      f"{unet_steps - first_step} {common}"
+            unet_seconds += seconds_before
+        else:
+            command = f"python -m devtools.world.train_sdxl --steps {unet_steps} --vae-steps {args.vae_steps} {common}"
         return {"command": command, "seed": args.seed, "git_commit_of_trainer": commit,
                 "steps": {"vae_decoder": args.vae_steps, "vae_decoder_kept": vae_info["kept_step"],
                           "unet": unet_steps},
@@ -532,10 +561,12 @@ def main(argv: list[str] | None = None) -> None:
         unet_sd = {k: v.float() for k, v in load_file(str(WEIGHTS_FILE)).items() if k.startswith(tiny_sdxl.UNET_PREFIX)}
         save(unet_sd, args.steps, old["train_loss"]["unet_eps_mse"], old["train_seconds"]["unet"])
         return
+    resume = {k: v for k, v in committed.items() if k.startswith(tiny_sdxl.UNET_PREFIX)} if args.resume_steps else None
     unet_sd, unet_loss, unet_seconds, done = train_unet(
-        args.seed, args.steps, args.captions, log, save, batch=args.batch,
-        max_seconds=None if args.max_minutes is None else args.max_minutes * 60)
-    save(unet_sd, done, unet_loss, unet_seconds)
+        args.seed, args.resume_steps or args.steps, args.captions, log, save, batch=args.batch,
+        max_seconds=None if args.max_minutes is None else args.max_minutes * 60, resume=resume,
+        first_step=first_step, warmup=20 if resume is not None else 50)
+    save(unet_sd, first_step + done, unet_loss, unet_seconds)
     log(f"done: unet {unet_seconds:.0f} s, {WEIGHTS_FILE.stat().st_size / 2**20:.1f} MiB")
 
 
