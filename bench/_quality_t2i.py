@@ -21,6 +21,12 @@ Figures (rates over evaluation seeds 1_000_000 + i, never trained on):
   conditioning fixed per prompt (what the anchor does); its scheduler is diffusers' Euler, so its plain baseline
   is reported next to it. Null (with the reason) when diffusers cannot run.
 
+- denoiser_*: why the drawings look as they do, from the same weights read by the pack's training code
+  (training.sdxl, diffusers' UNet; `denoiser_diagnostics`): `denoiser_text_effect_t<t>` is the RMS difference
+  of the epsilon predicted with the true caption and with "" (0 means the UNet ignores the text), and
+  `denoiser_x0_error_over_variance_t<t>` the predicted clean latent's MSE over the latents' variance (above 1 the
+  prediction is worse than the mean latent: at t 999 that error is what the first sampling step draws).
+
 Concepts guided: each object's "colour shape" words (colours are unique in a world scene; a shape may repeat);
 A&E excites every one of those tokens on its own, A-STAR segregates the objects' maps.
 """
@@ -152,6 +158,34 @@ class DiffusersAttendExcite:
         return out.images.detach()
 
 
+def denoiser_diagnostics(n_seeds: int, timesteps=(999, 700, 500, 100)) -> dict:
+    """The text's effect on the UNet's epsilon and its clean-latent error per timestep (see the module doc)."""
+    import torch
+    from devtools.world import caption, render, sample_scene
+    from devtools.world.train_sdxl import (HOST_ADM_SIZE, encode_closed_form, images_to_tensor, tokenizer_folder,
+                                           world_checkpoint)
+    from training.sdxl import added_conditioning, load_text_encoders, load_unet, noise_scheduler
+
+    path = world_checkpoint()
+    unet, encoders, scheduler = load_unet(path).float().eval(), load_text_encoders(path, tokenizer_folder()), \
+        noise_scheduler()
+    scenes = [sample_scene(EVAL_SEED_BASE + i) for i in range(n_seeds)]
+    x0 = encode_closed_form(images_to_tensor([render(s)[0] for s in scenes]))
+    text, empty = encoders([caption(s) for s in scenes]), encoders([""] * n_seeds)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    figures = {}
+    with torch.no_grad():
+        for t in timesteps:
+            steps = torch.full((n_seeds,), t)
+            noisy, alpha = scheduler.add_noise(x0, noise, steps), scheduler.alphas_cumprod[t]
+            eps = {name: unet(noisy, steps, c.context, added_cond_kwargs=added_conditioning(
+                c.pooled, HOST_ADM_SIZE, HOST_ADM_SIZE)).sample for name, c in (("text", text), ("empty", empty))}
+            x0_pred = (noisy - (1 - alpha).sqrt() * eps["text"]) / alpha.sqrt()
+            figures[f"denoiser_text_effect_t{t}"] = round(float((eps["text"] - eps["empty"]).pow(2).mean().sqrt()), 5)
+            figures[f"denoiser_x0_error_over_variance_t{t}"] = round(float((x0_pred - x0).pow(2).mean() / x0.var()), 4)
+    return figures
+
+
 def run(n_seeds: int) -> tuple[dict, list[tuple[str, np.ndarray]]]:
     import torch
     from devtools.world import caption, render, sample_scene
@@ -182,6 +216,7 @@ def run(n_seeds: int) -> tuple[dict, list[tuple[str, np.ndarray]]]:
     figures.update({f"t2i_all_present_{n}_objects": _rates(r)["all_present"] for n, r in by_count.items() if r})
     figures.update({f"vae_roundtrip_{k}": v for k, v in _rates(roundtrip).items()})
     figures["t2i_n"] = n_seeds
+    figures.update(denoiser_diagnostics(n_seeds))
 
     # concept neglect: two- and three-object captions, plain vs a_star vs attend_and_excite, same noise
     try:

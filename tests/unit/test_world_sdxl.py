@@ -17,10 +17,13 @@ from devtools.world.score import score
 import os
 
 N_EVAL = 8
-# NOT YET MEASURED: under the session's load (~20 on 2 cores) the 8 drawings ran past 10 minutes and the figure
-# could not be read before the deadline. The drawing test therefore runs only with MMIG_WORLD_SDXL_DRAW=1 until
-# someone measures it and sets FLOOR well below the measured rates (then drop the skip).
-MEASURED = {"colours_present": None, "present": None}
+# MEASURED (session 2026-12-02 evening, these 8 seeds, CPU): colours_present 0.3125, present 0.104, all_present 0.
+# That is chance, not drawing: the UNet ignores its text (bench/_quality_t2i.denoiser_diagnostics: the epsilon with
+# the caption and with "" differ by ~0.003 RMS at every timestep, and CFG 1..8 draws nearly the same image), and a
+# further 900 training steps (--resume-steps 900) changed neither. A floor at chance would test nothing, so the
+# drawing test stays opt-in (MMIG_WORLD_SDXL_DRAW=1) until a retrained UNet follows its text; then set FLOOR well
+# below its measured rates and drop the skip.
+MEASURED = {"colours_present": 0.3125, "present": 0.104}
 FLOOR = {"colours_present": 0.3, "present": 0.1}
 
 
@@ -72,7 +75,7 @@ def test_the_host_vae_encodes_as_the_trainer_says_and_decodes_a_recognisable_sce
 
 
 @pytest.mark.skipif(os.environ.get("MMIG_WORLD_SDXL_DRAW") != "1",
-                    reason="floor not measured yet (see MEASURED); set MMIG_WORLD_SDXL_DRAW=1 to run")
+                    reason="the world SDXL does not follow its text yet (see MEASURED); MMIG_WORLD_SDXL_DRAW=1 runs it")
 def test_draws_the_captioned_objects_on_unseen_seeds(world_sdxl):
     from bench import _quality_t2i
     model, clip, vae = world_sdxl
