@@ -130,8 +130,12 @@ class DiffusersAttendExcite:
 
         with torch.inference_mode(False):
             self.unet = diffusers_unet(model)
+        import json
+        from devtools.world.train_sdxl import MANIFEST_FILE
+        v = json.loads(MANIFEST_FILE.read_text()).get("prediction", "eps") == "v"
         scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                           timestep_spacing="leading", steps_offset=1)
+                                           timestep_spacing="leading", steps_offset=1,
+                                           prediction_type="v_prediction" if v else "epsilon")
         parts = dict(vae=None, text_encoder=None, tokenizer=None, unet=self.unet, scheduler=scheduler,
                      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         self.theirs = StableDiffusionAttendAndExcitePipeline(**parts)
@@ -166,6 +170,9 @@ def denoiser_diagnostics(n_seeds: int, timesteps=(999, 700, 500, 100)) -> dict:
                                            world_checkpoint)
     from training.sdxl import added_conditioning, load_text_encoders, load_unet, noise_scheduler
 
+    from devtools.world.train_sdxl import MANIFEST_FILE
+    import json
+    v_prediction = json.loads(MANIFEST_FILE.read_text()).get("prediction", "eps") == "v"
     path = world_checkpoint()
     unet, encoders, scheduler = load_unet(path).float().eval(), load_text_encoders(path, tokenizer_folder()), \
         noise_scheduler()
@@ -180,7 +187,10 @@ def denoiser_diagnostics(n_seeds: int, timesteps=(999, 700, 500, 100)) -> dict:
             noisy, alpha = scheduler.add_noise(x0, noise, steps), scheduler.alphas_cumprod[t]
             eps = {name: unet(noisy, steps, c.context, added_cond_kwargs=added_conditioning(
                 c.pooled, HOST_ADM_SIZE, HOST_ADM_SIZE)).sample for name, c in (("text", text), ("empty", empty))}
-            x0_pred = (noisy - (1 - alpha).sqrt() * eps["text"]) / alpha.sqrt()
+            if v_prediction:  # the output is v = sqrt(a) eps - sqrt(1 - a) x0
+                x0_pred = alpha.sqrt() * noisy - (1 - alpha).sqrt() * eps["text"]
+            else:
+                x0_pred = (noisy - (1 - alpha).sqrt() * eps["text"]) / alpha.sqrt()
             figures[f"denoiser_text_effect_t{t}"] = round(float((eps["text"] - eps["empty"]).pow(2).mean().sqrt()), 5)
             figures[f"denoiser_x0_error_over_variance_t{t}"] = round(float((x0_pred - x0).pow(2).mean() / x0.var()), 4)
     return figures

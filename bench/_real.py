@@ -137,13 +137,19 @@ def write_checkpoint(family: str, seed: int = 0) -> Path:
     path = checkpoint_path(family)
     if path.exists():
         return path
-    layout = checkpoint_layout(family)
+    return stream_safetensors(path, checkpoint_layout(family), seed,
+                              f"{family} architecture, random weights, seed {seed}")
+
+
+def stream_safetensors(path: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], seed: int,
+                       description: str) -> Path:
+    """A safetensors file of `_value`s for `layout` (0-d tensors included), written tensor by tensor, then renamed."""
     header, offset = {}, 0
     for key, (shape, dtype) in layout.items():
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
-    header["__metadata__"] = {"format": "pt", "mmig_bench_real": f"{family} architecture, random weights, seed {seed}"}
+    header["__metadata__"] = {"format": "pt", "mmig_bench_real": description}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +160,8 @@ def write_checkpoint(family: str, seed: int = 0) -> Path:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for key, (shape, dtype) in layout.items():
-            f.write(_value(key, shape, dtype, gen).contiguous().view(torch.uint8).numpy().tobytes())
+            # reshape(-1): a 0-d tensor (CLIP's logit_scale) cannot be viewed as bytes
+            f.write(_value(key, shape, dtype, gen).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     partial.rename(path)
     return path
 

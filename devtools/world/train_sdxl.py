@@ -316,7 +316,7 @@ def encode_captions(encoders, captions: list[str], batch: int = 32):
 
 def train_unet(seed: int, steps: int, n_captions: int, log, save, batch: int = 32, lr: float = 1e-3,
                ema_decay: float = 0.99, warmup: int = 50, layouts: int = 4, max_seconds: float | None = None,
-               resume: dict[str, torch.Tensor] | None = None, first_step: int = 0):
+               resume: dict[str, torch.Tensor] | None = None, first_step: int = 0, prediction: str = "eps"):
     """`resume`: ldm UNet weights (the committed EMA) to continue from, at step `first_step` of the data stream
     (its batches and noise follow on from the first run's, never repeating them)."""
     from training.sdxl import (add_noise, added_conditioning, denoising_loss, load_text_encoders, load_unet,
@@ -369,7 +369,10 @@ def train_unet(seed: int, steps: int, n_captions: int, log, save, batch: int = 3
         context, pool_vec = contexts[unique].float(), pooled[unique[shared.rows]].float()
         eps = unet(noisy, timesteps, context,
                    added_cond_kwargs=added_conditioning(pool_vec, HOST_ADM_SIZE, HOST_ADM_SIZE)).sample
-        loss = denoising_loss(eps, noise)
+        # v-prediction (v = sqrt(a) eps - sqrt(1 - a) x0): its clean-latent error does not blow up at t ~ 999, where
+        # an epsilon error is multiplied by sqrt((1 - a) / a) ~ 15 and only the text can tell the image
+        target = noise if prediction == "eps" else scheduler.get_velocity(latents, noise, timesteps)
+        loss = denoising_loss(eps, target)
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup)
         opt.zero_grad()
@@ -463,6 +466,8 @@ def world_checkpoint(out_dir: Path | None = None) -> Path:
         raise RuntimeError("the rebuilt tiny SDXL text encoders differ from the ones the UNet was trained "
                            "against (another torch version?): re-run `python -m devtools.world.train_sdxl`")
     state.update(text)
+    if manifest.get("prediction", "eps") == "v":
+        state["v_pred"] = torch.tensor([])  # the key the host's SDXL config reads as V_PREDICTION
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
     save_file(state, str(partial), metadata={"format": "pt"})
@@ -472,6 +477,11 @@ def world_checkpoint(out_dir: Path | None = None) -> Path:
 
 def _vae_cache(seed: int, steps: int) -> Path:
     return WORK_DIR / f"world_vae_seed{seed}_steps{steps}.safetensors"
+
+
+def _write_to(folder: Path) -> None:
+    global WEIGHTS_DIR, WEIGHTS_FILE, MANIFEST_FILE
+    WEIGHTS_DIR, WEIGHTS_FILE, MANIFEST_FILE = folder, folder / WEIGHTS_FILE.name, folder / MANIFEST_FILE.name
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -485,6 +495,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="stop the UNet early after this long (the manifest records the steps done)")
     parser.add_argument("--stage", choices=("all", "vae"), default="all",
                         help="vae: train the decoder only, into .cache/world/ (the next `all` run reuses it)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the weights and manifest here instead of devtools/world/weights/sdxl (an "
+                             "experiment beside the committed model; --resume-steps still starts from the committed)")
+    parser.add_argument("--prediction", choices=("eps", "v"), default="eps",
+                        help="the UNet's target: epsilon (SDXL's own) or v (written with the 'v_pred' key the host "
+                             "reads, as community v-prediction SDXL checkpoints are)")
     parser.add_argument("--resume-steps", type=int, default=0,
                         help="continue training the committed UNet this many more steps (same seed, batch and "
                              "captions; the committed VAE decoder is kept); the manifest records both runs")
@@ -527,11 +543,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     text_digest = _tensor_digest(text_encoder_state_dict(args.seed))
 
+    if args.out is not None:
+        _write_to(args.out.resolve())
     first_step = old["steps"]["unet"] if args.resume_steps else 0
     seconds_before = old["train_seconds"]["unet"] if args.resume_steps else 0.0
 
     def manifest(unet_steps: int, unet_loss: float, unet_seconds: float) -> dict:
-        common = f"--captions {args.captions} --batch {args.batch} --seed {args.seed}"
+        common = f"--captions {args.captions} --batch {args.batch} --seed {args.seed}" + (
+            " --prediction v" if args.prediction == "v" else "")
         if args.resume_steps:  # the first run's command, then this one's
             command = f"{old['command']} && python -m devtools.world.train_sdxl --resume-steps " \
                       f"{unet_steps - first_step} {common}"
@@ -546,7 +565,8 @@ def main(argv: list[str] | None = None) -> None:
                 "train_loss": {"vae_validation_mse": vae_info["validation_mse"], "unet_eps_mse": round(unet_loss, 6)},
                 "torch": torch.__version__, "threads": 1, "text_encoder_seed": args.seed,
                 "text_encoder_sha256": text_digest,
-                "note": "UNet + VAE only; world_checkpoint() adds the tiny SDXL text encoders of text_encoder_seed"}
+                "note": "UNet + VAE only; world_checkpoint() adds the tiny SDXL text encoders of text_encoder_seed",
+                "prediction": args.prediction}
 
     def save(unet_sd, step, loss, seconds):
         write_weights(unet_sd, vae_sd, manifest(step, loss, seconds))
@@ -565,7 +585,7 @@ def main(argv: list[str] | None = None) -> None:
     unet_sd, unet_loss, unet_seconds, done = train_unet(
         args.seed, args.resume_steps or args.steps, args.captions, log, save, batch=args.batch,
         max_seconds=None if args.max_minutes is None else args.max_minutes * 60, resume=resume,
-        first_step=first_step, warmup=20 if resume is not None else 50)
+        first_step=first_step, warmup=20 if resume is not None else 50, prediction=args.prediction)
     save(unet_sd, first_step + done, unet_loss, unet_seconds)
     log(f"done: unet {unet_seconds:.0f} s, {WEIGHTS_FILE.stat().st_size / 2**20:.1f} MiB")
 
