@@ -250,8 +250,11 @@ def run(n_seeds: int) -> tuple[dict, list[tuple[str, np.ndarray]]]:
             positions, _ = concepts_from_clip(clip, text, concepts(scene), "")
             indices = [p for group in positions for p in group]
             noise = initial_noise(i)
-            images["diffusers_plain"] = decode(vae, theirs.latents(positive, negative, noise, None))
-            images["diffusers_attend_and_excite"] = decode(vae, theirs.latents(positive, negative, noise, indices))
+            # diffusers returns the model-space latent; the host's VAE decodes the latent_format's own (unscaled)
+            out = model.model.process_latent_out
+            images["diffusers_plain"] = decode(vae, out(theirs.latents(positive, negative, noise, None)))
+            images["diffusers_attend_and_excite"] = decode(vae, out(theirs.latents(positive, negative, noise,
+                                                                                    indices)))
         for m in methods:
             scores[m].append(score(images[m], text))
         if i == 1:  # a three-object prompt

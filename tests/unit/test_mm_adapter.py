@@ -173,7 +173,9 @@ def test_cached_greedy_decoding_equals_an_uncached_pass_over_the_whole_sequence(
         uncached = vlm.model(**full, use_cache=False).logits[:, start - 1:-1]
     cached = torch.stack(out.logits, dim=1)
     print(f"cached vs uncached logits: max abs diff {(cached - uncached).abs().max().item():.3g}")
-    torch.testing.assert_close(cached, uncached, rtol=0, atol=1e-5)
+    # float32 rounding only: the cached pass multiplies one row at a time, the uncached one all rows at once, so the
+    # sums run in another order (a fresh-clone CI run saw 1.13e-5 on logits of ~1); the tokens must be the same
+    torch.testing.assert_close(cached, uncached, rtol=0, atol=5e-5)
     assert torch.equal(uncached.argmax(-1), sequence[:, start:])
     held = [a.held for a in vlm.model.mm_adapters.adapters]
     assert all(h is not None and h.shape == (1, 2) for h in held)
