@@ -9,7 +9,10 @@ STEPS steps, CFG, empty negative) and decoded by the host's VAE. Scored by devto
 
 Figures (rates over evaluation seeds 1_000_000 + i, never trained on):
 - t2i_*: captions of 1-3 objects (the world's own mix), plain sampling: `all_present` (every object with the right
-  colour and shape) and `exact` (and nothing else), plus the per-object means `present` / `colours_present`;
+  colour and shape) and `exact` (and nothing else), plus the per-object means `present` / `colours_present`, and
+  `background` (both image halves the caption's background colours); `t2i_empty_prompt_*`: the same noise drawn
+  from the empty prompt, scored against the same captions (the control: how often a drawing that never read its
+  caption matches it);
   `vae_roundtrip_*`: the true render encoded and decoded by the checkpoint's VAE (the ceiling the decoder allows);
 - guidance_*: captions of two and three objects (alternating), each drawn plain, with the pack's guidance node
   maths in mode a_star (MMIG Eqs. 19-20) and in mode attend_and_excite, all from the same noise; each method's
@@ -25,7 +28,9 @@ Figures (rates over evaluation seeds 1_000_000 + i, never trained on):
   (training.sdxl, diffusers' UNet; `denoiser_diagnostics`): `denoiser_text_effect_t<t>` is the RMS difference
   of the epsilon predicted with the true caption and with "" (0 means the UNet ignores the text), and
   `denoiser_x0_error_over_variance_t<t>` the predicted clean latent's MSE over the latents' variance (above 1 the
-  prediction is worse than the mean latent: at t 999 that error is what the first sampling step draws).
+  prediction is worse than the mean latent: at t 999 that error is what the first sampling step draws), and
+  `..._wrong_caption_t<t>` the same error when each latent gets another scene's caption (the gap between the
+  two is how much the UNet reads its caption).
 
 Concepts guided: each object's "colour shape" words (colours are unique in a world scene; a shape may repeat);
 A&E excites every one of those tokens on its own, A-STAR segregates the objects' maps.
@@ -113,7 +118,8 @@ def _rates(scores: list[dict]) -> dict:
     return {"all_present": round(sum(s["all_present"] for s in scores) / n, 4),
             "exact": round(sum(s["exact"] for s in scores) / n, 4),
             "present": round(sum(s["present"] for s in scores) / n, 4),
-            "colours_present": round(sum(s["colours_present"] for s in scores) / n, 4)}
+            "colours_present": round(sum(s["colours_present"] for s in scores) / n, 4),
+            "background": round(sum(s["background"] for s in scores) / n, 4)}
 
 
 def _ratio(a: float, b: float):
@@ -178,7 +184,9 @@ def denoiser_diagnostics(n_seeds: int, timesteps=(999, 700, 500, 100)) -> dict:
         noise_scheduler()
     scenes = [sample_scene(EVAL_SEED_BASE + i) for i in range(n_seeds)]
     x0 = encode_closed_form(images_to_tensor([render(s)[0] for s in scenes]))
-    text, empty = encoders([caption(s) for s in scenes]), encoders([""] * n_seeds)
+    captions = [caption(s) for s in scenes]
+    text, empty = encoders(captions), encoders([""] * n_seeds)
+    wrong = encoders(captions[1:] + captions[:1])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     figures = {}
     with torch.no_grad():
@@ -186,13 +194,18 @@ def denoiser_diagnostics(n_seeds: int, timesteps=(999, 700, 500, 100)) -> dict:
             steps = torch.full((n_seeds,), t)
             noisy, alpha = scheduler.add_noise(x0, noise, steps), scheduler.alphas_cumprod[t]
             eps = {name: unet(noisy, steps, c.context, added_cond_kwargs=added_conditioning(
-                c.pooled, HOST_ADM_SIZE, HOST_ADM_SIZE)).sample for name, c in (("text", text), ("empty", empty))}
-            if v_prediction:  # the output is v = sqrt(a) eps - sqrt(1 - a) x0
-                x0_pred = alpha.sqrt() * noisy - (1 - alpha).sqrt() * eps["text"]
-            else:
-                x0_pred = (noisy - (1 - alpha).sqrt() * eps["text"]) / alpha.sqrt()
+                c.pooled, HOST_ADM_SIZE, HOST_ADM_SIZE)).sample
+                for name, c in (("text", text), ("empty", empty), ("wrong", wrong))}
+
+            def x0_error(out):
+                if v_prediction:  # the output is v = sqrt(a) eps - sqrt(1 - a) x0
+                    x0_pred = alpha.sqrt() * noisy - (1 - alpha).sqrt() * out
+                else:
+                    x0_pred = (noisy - (1 - alpha).sqrt() * out) / alpha.sqrt()
+                return round(float((x0_pred - x0).pow(2).mean() / x0.var()), 4)
             figures[f"denoiser_text_effect_t{t}"] = round(float((eps["text"] - eps["empty"]).pow(2).mean().sqrt()), 5)
-            figures[f"denoiser_x0_error_over_variance_t{t}"] = round(float((x0_pred - x0).pow(2).mean() / x0.var()), 4)
+            figures[f"denoiser_x0_error_over_variance_t{t}"] = x0_error(eps["text"])
+            figures[f"denoiser_x0_error_over_variance_wrong_caption_t{t}"] = x0_error(eps["wrong"])
     return figures
 
 
@@ -208,13 +221,15 @@ def run(n_seeds: int) -> tuple[dict, list[tuple[str, np.ndarray]]]:
     samples: list[tuple[str, np.ndarray]] = []
 
     # text-to-image on the world's own 1-3 object mix, and the VAE's ceiling on the same scenes
-    t2i, roundtrip, by_count = [], [], {1: [], 2: [], 3: []}
+    # the empty prompt on the same noise is the control: how often a drawing matches a caption it never read
+    t2i, unprompted, roundtrip, by_count = [], [], [], {1: [], 2: [], 3: []}
     for i in range(n_seeds):
         scene = sample_scene(EVAL_SEED_BASE + i)
         text = caption(scene)
         image = draw(model, clip, vae, text, seed=i, negative=negative)
         result = score(image, text)
         t2i.append(result)
+        unprompted.append(score(draw(model, clip, vae, "", seed=i, negative=negative), text))
         by_count[len(scene.objects)].append(result)
         truth = render(scene)[0]
         with torch.inference_mode():
@@ -224,6 +239,7 @@ def run(n_seeds: int) -> tuple[dict, list[tuple[str, np.ndarray]]]:
             samples += [(f"t2i: {text}", image)]
     figures = {f"t2i_{k}": v for k, v in _rates(t2i).items()}
     figures.update({f"t2i_all_present_{n}_objects": _rates(r)["all_present"] for n, r in by_count.items() if r})
+    figures.update({f"t2i_empty_prompt_{k}": v for k, v in _rates(unprompted).items()})
     figures.update({f"vae_roundtrip_{k}": v for k, v in _rates(roundtrip).items()})
     figures["t2i_n"] = n_seeds
     figures.update(denoiser_diagnostics(n_seeds))

@@ -133,13 +133,39 @@ def expected_objects(target: Scene | str) -> list[tuple[str, str]]:
     return parse_caption(target)[0]
 
 
+def backgrounds(image) -> tuple[str | None, str | None]:
+    """The background colour of the image's left and right halves: the commonest background-palette label among
+    each half's pixels (None when a half has no background pixel). A plain scene reads (g, g)."""
+    labels = colour_labels(image)
+    first = len(COLOURS)
+    names = list(BACKGROUNDS)
+    halves = []
+    for half in (labels[:, : labels.shape[1] // 2], labels[:, labels.shape[1] // 2:]):
+        counts = np.bincount(half[half >= first] - first, minlength=len(names))
+        halves.append(names[int(counts.argmax())] if counts.sum() else None)
+    return halves[0], halves[1]
+
+
+def expected_backgrounds(target: Scene | str) -> tuple[str, str] | None:
+    """(left, right) background names of a scene or caption; None when a caption names no background."""
+    if isinstance(target, Scene):
+        grounds = (target.background, target.background2 or target.background)
+    else:
+        named = parse_caption(target)[1]
+        if not named:
+            return None
+        grounds = (named[0], named[-1])
+    return grounds
+
+
 def score(image, target: Scene | str) -> dict:
     """How an image matches a caption or scene.
 
     present: fraction of the expected objects found with the right colour AND shape;
     colours_present: fraction found with the right colour (any shape);
     all_present: every expected object found (the concept-neglect figure);
-    exact: all present and nothing else (no extra object colour).
+    exact: all present and nothing else (no extra object colour);
+    background: the left and right halves' background colours are the target's (False when it names none).
     """
     expected = expected_objects(target)
     if not expected:
@@ -154,6 +180,7 @@ def score(image, target: Scene | str) -> dict:
         "all_present": all(hits),
         "exact": all(hits) and not extra,
         "extra": extra,
+        "background": backgrounds(image) == expected_backgrounds(target),
     }
 
 

@@ -30,12 +30,14 @@ def test_the_editing_part_scores_one_seed_for_every_method():
 
 def test_the_denoiser_diagnostics_measure_the_texts_effect_per_timestep():
     from bench._quality_t2i import denoiser_diagnostics
-    figures = denoiser_diagnostics(2, timesteps=(999, 100))
-    assert set(figures) == {"denoiser_text_effect_t999", "denoiser_x0_error_over_variance_t999",
-                            "denoiser_text_effect_t100", "denoiser_x0_error_over_variance_t100"}
+    figures = denoiser_diagnostics(8, timesteps=(999, 100))
+    assert set(figures) == {f"denoiser_{name}_t{t}" for t in (999, 100) for name in (
+        "text_effect", "x0_error_over_variance", "x0_error_over_variance_wrong_caption")}
     assert all(math.isfinite(v) and v >= 0 for v in figures.values())
     # at t 100 the clean latent is nearly given: any trained denoiser recovers it far better than at t 999
     assert figures["denoiser_x0_error_over_variance_t100"] < figures["denoiser_x0_error_over_variance_t999"]
+    # at t 999 only the caption tells the scene: another scene's caption predicts it worse
+    assert figures["denoiser_x0_error_over_variance_t999"] < figures["denoiser_x0_error_over_variance_wrong_caption_t999"]
 
 
 def test_the_parts_without_trained_weights_say_what_is_missing():

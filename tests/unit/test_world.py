@@ -39,7 +39,11 @@ def test_the_scorer_refuses_wrong_images():
     assert text == "a red circle and a blue square on a grey background"
     blank = np.full_like(image, 128)
     assert score(blank, text) == {"present": 0.0, "colours_present": 0.0, "all_present": False,
-                                  "exact": False, "extra": []}
+                                  "exact": False, "extra": [], "background": True}
+    assert not score(np.full_like(image, 235), text)["background"]  # white, not grey
+    two_tone = render(Scene(scene.objects, "black", "white"))[0]
+    assert score(two_tone, "a red circle on a black and white background")["background"]
+    assert not score(two_tone, "a red circle on a white and black background")["background"]
     recoloured = image.copy()
     recoloured[masks[0]] = COLOURS["green"]
     result = score(recoloured, text)
