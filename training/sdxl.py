@@ -404,9 +404,16 @@ def predicted_x0(scheduler, noisy: torch.Tensor, eps: torch.Tensor, timesteps: t
     return (noisy - (1 - alphas).sqrt() * eps) / alphas.sqrt()
 
 
-def denoising_loss(eps_prediction: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """L_SDM (MMIG Eq. 14): ||eps - eps_theta(z_t, t)||^2, mean over elements and batch."""
-    return F.mse_loss(eps_prediction.float(), noise.float())
+def denoising_loss(eps_prediction: torch.Tensor, noise: torch.Tensor,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
+    """L_SDM (MMIG Eq. 14): ||eps - eps_theta(z_t, t)||^2, mean over elements and batch.
+
+    `weight` (broadcast to the prediction, e.g. [B, 1, h, w]) makes it a weighted mean: sum(w e^2) / sum(w)."""
+    if weight is None:
+        return F.mse_loss(eps_prediction.float(), noise.float())
+    error = (eps_prediction.float() - noise.float()).square()
+    weight = weight.float().expand_as(error)
+    return (weight * error).sum() / weight.sum()
 
 
 @contextmanager

@@ -80,7 +80,7 @@ def build_tokenizer(extra_lines: list[str] | None = None):
     return tok
 
 
-def build_model(seed: int):
+def build_model(seed: int, image_size: int = IMAGE_SIZE):
     """(model, processor): the untrained world BLIP-2, initialised by transformers' own init under `seed`."""
     import torch
     from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
@@ -89,7 +89,7 @@ def build_model(seed: int):
     tok = build_tokenizer()
     vocab = len(tok)
     vision = Blip2VisionConfig(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2,
-                               num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH)
+                               num_attention_heads=4, image_size=image_size, patch_size=PATCH)
     qformer = Blip2QFormerConfig(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2,
                                  num_attention_heads=4, cross_attention_frequency=1, encoder_hidden_size=WIDTH,
                                  max_position_embeddings=64, vocab_size=vocab)
@@ -102,7 +102,7 @@ def build_model(seed: int):
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config)
     image_processor = BlipImageProcessor(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_resize=True, do_rescale=True, do_normalize=True,
+        size={"height": image_size, "width": image_size}, do_resize=True, do_rescale=True, do_normalize=True,
         image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
     processor = Blip2Processor(image_processor=image_processor, tokenizer=tok, num_query_tokens=QUERIES)
     return model, processor
@@ -180,12 +180,13 @@ def save_fp16(model, processor, folder: Path) -> None:
     processor.save_pretrained(folder)
 
 
-def train(steps: int = DEFAULT_STEPS, seed: int = 0, out: Path = OUT, log_every: int = 100) -> dict:
+def train(steps: int = DEFAULT_STEPS, seed: int = 0, out: Path = OUT, log_every: int = 100,
+          image_size: int = IMAGE_SIZE) -> dict:
     import torch
 
     torch.set_num_threads(1)
     start = time.perf_counter()
-    model, processor = build_model(seed)
+    model, processor = build_model(seed, image_size)
     model.train()
     rng = np.random.default_rng(seed)
     optimiser = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, betas=(0.9, 0.98))
@@ -211,7 +212,8 @@ def train(steps: int = DEFAULT_STEPS, seed: int = 0, out: Path = OUT, log_every:
     model.eval()
     save_fp16(model, processor, Path(out))
     final = float(np.mean(losses[-min(100, len(losses)):]))
-    return write_manifest(Path(out), command=f"python -m devtools.world.train_blip2 --steps {steps} --seed {seed}",
+    return write_manifest(Path(out), command=f"python -m devtools.world.train_blip2 --steps {steps} --seed {seed}"
+                          + (f" --image-size {image_size}" if image_size != IMAGE_SIZE else ""),
                           seed=seed, steps=steps, batch=BATCH, lr=LR, train_seconds=round(seconds, 1),
                           train_loss=round(final, 5), train_seeds=f"0..{TRAIN_SEEDS - 1}")
 
@@ -228,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="the vision tower's input, px (8 px patches)")
     args = parser.parse_args(argv)
-    manifest = train(args.steps, args.seed, args.out)
+    manifest = train(args.steps, args.seed, args.out, image_size=args.image_size)
     print(json.dumps(manifest, indent=2))
     return 0
 

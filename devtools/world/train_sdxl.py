@@ -345,7 +345,7 @@ def reset_to_default_init(unet, seed: int) -> None:
 def train_unet(seed: int, steps: int, n_captions: int, log, save, batch: int = 32, lr: float = 1e-3,
                ema_decay: float = 0.99, warmup: int = 50, layouts: int = 4, max_seconds: float | None = None,
                resume: dict[str, torch.Tensor] | None = None, first_step: int = 0, prediction: str = "eps",
-               text_lr_scale: float = 1.0, default_init: bool = False):
+               text_lr_scale: float = 1.0, default_init: bool = False, object_weight: float = 0.0):
     """`resume`: ldm UNet weights (the committed EMA) to continue from, at step `first_step` of the data stream
     (its batches and noise follow on from the first run's, never repeating them)."""
     from training.sdxl import (add_noise, added_conditioning, denoising_loss, load_text_encoders, load_unet,
@@ -392,10 +392,12 @@ def train_unet(seed: int, steps: int, n_captions: int, log, save, batch: int = 3
         # batch // layouts captions, each drawn in `layouts` fresh layouts; a sample's caption is dropped to ""
         # (the last unique row) with probability CFG_DROPOUT
         chosen = [rng.randrange(len(pool)) for _ in range(batch // layouts)]
-        images, rows = [], []
+        images, coverage, rows = [], [], []
         for slot, index in enumerate(chosen):
             for _ in range(layouts):
-                images.append(render(relayout(pool[index], rng))[0])
+                image, masks = render(relayout(pool[index], rng))
+                images.append(image)
+                coverage.append(np.any(masks, axis=0))
                 rows.append(len(chosen) if rng.random() < CFG_DROPOUT else slot)
         unique = torch.tensor(chosen + [len(pool)])
         shared.rows = torch.tensor(rows)
@@ -408,7 +410,11 @@ def train_unet(seed: int, steps: int, n_captions: int, log, save, batch: int = 3
         # v-prediction (v = sqrt(a) eps - sqrt(1 - a) x0): its clean-latent error does not blow up at t ~ 999, where
         # an epsilon error is multiplied by sqrt((1 - a) / a) ~ 15 and only the text can tell the image
         target = noise if prediction == "eps" else scheduler.get_velocity(latents, noise, timesteps)
-        loss = denoising_loss(eps, target)
+        weight = None
+        if object_weight:  # objects are 5-15 % of an image: weight their latent cells up so the text's colours count
+            cells = F.avg_pool2d(torch.from_numpy(np.stack(coverage)).float()[:, None], 8)
+            weight = 1.0 + object_weight * cells
+        loss = denoising_loss(eps, target, weight)
         for group in opt.param_groups:
             group["lr"] = lr * group["scale"] * min(1.0, (step + 1) / warmup)
         opt.zero_grad()
@@ -535,6 +541,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", choices=("torch", "tiny"), default="torch",
                         help="the UNet's starting weights: PyTorch's default init (reset_to_default_init) or the "
                              "tiny SDXL's N(0, 0.02) of the seed")
+    parser.add_argument("--object-weight", type=float, default=0.0,
+                        help="loss weight added on the objects' latent cells (1 + W x the cell's object coverage)")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop the UNet early after this long (the manifest records the steps done)")
     parser.add_argument("--stage", choices=("all", "vae"), default="all",
@@ -603,6 +611,7 @@ def main(argv: list[str] | None = None) -> None:
     def manifest(unet_steps: int, unet_loss: float, unet_seconds: float) -> dict:
         common = f"--captions {args.captions} --batch {args.batch} --seed {args.seed} --layouts {args.layouts} " \
                  f"--lr {args.lr:g} --text-lr-scale {args.text_lr_scale:g} --init {args.init}" + (
+            f" --object-weight {args.object_weight:g}" if args.object_weight else "") + (
             " --prediction v" if args.prediction == "v" else "")
         if args.resume_steps:  # the first run's command, then this one's
             command = f"{old['command']} && python -m devtools.world.train_sdxl --resume-steps " \
@@ -639,7 +648,8 @@ def main(argv: list[str] | None = None) -> None:
         args.seed, args.resume_steps or args.steps, args.captions, log, save, batch=args.batch,
         max_seconds=None if args.max_minutes is None else args.max_minutes * 60, resume=resume,
         first_step=first_step, warmup=20 if resume is not None else 50, prediction=args.prediction,
-        layouts=args.layouts, lr=args.lr, text_lr_scale=args.text_lr_scale, default_init=args.init == "torch")
+        layouts=args.layouts, lr=args.lr, text_lr_scale=args.text_lr_scale, default_init=args.init == "torch",
+        object_weight=args.object_weight)
     save(unet_sd, first_step + done, unet_loss, unet_seconds)
     log(f"done: unet {unet_seconds:.0f} s, {WEIGHTS_FILE.stat().st_size / 2**20:.1f} MiB")
 
