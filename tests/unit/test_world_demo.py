@@ -30,7 +30,15 @@ def test_the_world_graph_is_the_flagship_node_for_node_with_the_world_inputs(mod
     api = json.loads(api_path("mmig_full").read_text())
     edit = demo.demo_edit()
     graph = demo.world_graph(api, edit, models_root)
-    assert set(graph) == set(api)
+    (added,) = set(graph) - set(api)  # Set Latent Noise Mask: the sampler redraws the mask only (module doc)
+    assert set(api) <= set(graph)
+    sampler = next(n["inputs"] for n in graph.values() if n["class_type"] == "KSampler")
+    layered = next(n["inputs"] for n in graph.values() if n["class_type"] == "MMIG_LayeredEmbeddings")
+    assert graph[added] == {"class_type": "SetLatentNoiseMask",
+                            "inputs": {"samples": layered["latent"], "mask": layered["mask"]}}
+    assert sampler["latent_image"] == [added, 0]
+    graph[next(i for i in api if api[i]["class_type"] == "KSampler")]["inputs"]["latent_image"] = layered["latent"]
+    del graph[added]
     changed_types = {i: (api[i]["class_type"], graph[i]["class_type"]) for i in api
                      if api[i]["class_type"] != graph[i]["class_type"]}
     assert list(changed_types.values()) == [("EmptyImage", "LoadImage")]
