@@ -44,6 +44,14 @@ SCENE_IMAGE = "mmig_world_scene.png"
 DEMO_SCENE_SEED = 1_000_037
 DEMO_COLOUR = "blue"
 MASK_MARGIN = 6  # px around the edited object's box
+# DEMO_MEASURED (committed world models of ce67af1, this graph, CPU). The demo scene: with the noise mask the
+# edit is made (scorer: a blue circle inside the box, the red square kept; both objects drawn) but BLIP-2 captions
+# "a blue square and a red square on a black background" (the blob is drawn blocky); without it (the flagship
+# graph as is) no object survives and the caption names three triangles. The same graph on the first ten
+# evaluation scenes with a circle (1_000_005 ... 1_000_037, the circle recoloured to an absent colour): edit made
+# 2 of 10, caption exact 0 of 10. Recolouring the square of the demo scene instead: the scorer reads the blue
+# block as a circle and BLIP-2 the kept yellow circle as a square. So the verdict is honest and still "NOT a
+# match": the world SDXL does not draw shapes yet (docs/quality t2i_present 0.16).
 
 
 def demo_edit(seed: int = DEMO_SCENE_SEED, colour: str = DEMO_COLOUR) -> Edit:
