@@ -260,7 +260,7 @@ def train(steps: int = DEFAULT_STEPS, seed: int = 0, out: Path = OUT, log_every:
     final = float(np.mean(losses[-min(100, len(losses)):]))
     return write_manifest(Path(out), command=f"python -m devtools.world.train_blip2 --steps {steps} --seed {seed}"
                           + (f" --image-size {image_size}" if image_size != IMAGE_SIZE else "")
-                          + (f" --decoded {decoded} --pool {pool}" if n_decoded else ""),
+                          + (f" --decoded {decoded:g} --pool {pool}" if n_decoded else " --decoded 0"),
                           decoded_images_per_batch=n_decoded,
                           decoded_by=(f"devtools/world/weights/sdxl/world_sdxl.safetensors sha256 "
                                       f"{_sdxl_sha256()}" if n_decoded else None),
