@@ -44,14 +44,18 @@ SCENE_IMAGE = "mmig_world_scene.png"
 DEMO_SCENE_SEED = 1_000_037
 DEMO_COLOUR = "blue"
 MASK_MARGIN = 6  # px around the edited object's box
-# DEMO_MEASURED (committed world models of ce67af1, this graph, CPU). The demo scene: with the noise mask the
-# edit is made (scorer: a blue circle inside the box, the red square kept; both objects drawn) but BLIP-2 captions
-# "a blue square and a red square on a black background" (the blob is drawn blocky); without it (the flagship
-# graph as is) no object survives and the caption names three triangles. The same graph on the first ten
-# evaluation scenes with a circle (1_000_005 ... 1_000_037, the circle recoloured to an absent colour): edit made
-# 2 of 10, caption exact 0 of 10. Recolouring the square of the demo scene instead: the scorer reads the blue
-# block as a circle and BLIP-2 the kept yellow circle as a square. So the verdict is honest and still "NOT a
-# match": the world SDXL does not draw shapes yet (docs/quality t2i_present 0.16).
+# DEMO_MEASURED (CPU, this graph). The world models of 459b3e6 (48 px VLM and BLIP-2): the edit was made (a blue
+# blob where the circle was, the red square kept) but BLIP-2 captioned "a blue square and a red square on a black
+# background"; over the first ten evaluation scenes with a circle (1_000_005 ... 1_000_037, the circle recoloured
+# to an absent colour) the edit was made 2 of 10 times, the caption exact 0 of 10. That VLM said "a blue square on
+# a black background" whatever the scene (it saw no objects). The current models (BLIP-2 exact 0.90, the VLM naming
+# objects): the VLM now answers "a blue circle and a red circle on a black background", its prompt (appended to
+# the Layered Embeddings conditioning, as in the flagship) names red beside blue, and the world UNet, which takes
+# its colours from the prompt's words with little regard to which object they belong to, keeps the box yellow and
+# orange. BLIP-2 reads that image as "a yellow square, an orange square and a red square on a black background",
+# the scorer as a yellow and an orange triangle and a red circle: "NOT a match". The UNet is what fails now: on 30
+# circle scenes, the masked recolour with the edited caption alone as the prompt makes the edit 9 of 30 times
+# (docs/quality: t2i_present 0.16 -- the world SDXL draws colours, not shapes).
 
 
 def demo_edit(seed: int = DEMO_SCENE_SEED, colour: str = DEMO_COLOUR) -> Edit:

@@ -41,6 +41,11 @@ writes devtools/world/weights/sdxl/world_sdxl.safetensors (+ MANIFEST.json). Two
    colours_present 0.66, background 0.72; with 4096 captions, 1230 steps: 0.82 / 0.53, and 800 more steps
    (2030): 0.79 / 0.56, so more steps were not kept. --text-lr-scale 2 was worse (colours_present 0.18 at 1400
    steps on the old loss); 2800 steps of the old recipe drew cleaner backgrounds (0.78) but paler blobs (0.19).
+   Not kept either: 1500 more steps from the committed UNet at lr 5e-4 with the outline cells weighted up as well
+   (`--resume-steps 1500 --lr 0.0005 --edge-weight 8`), on 30 evaluation seeds against the committed model:
+   present 0.11 vs 0.17, colours_present 0.80 vs 0.79, background 0.73 vs 0.63, and the demo's masked recolour
+   (denoise 0.75, the box of MASK_MARGIN) made 11 vs 9 of 30 -- no shapes gained, so the 32-channel UNet's
+   capacity, not the loss, looks like the limit.
 
 The committed file holds the UNet and the VAE only (fp16, ~16 MB): the two frozen random text encoders are two full
 49408-token embedding tables, ~200 MB, far over the 40 MB budget, and they are exactly the tiny SDXL's of the
@@ -351,7 +356,8 @@ def reset_to_default_init(unet, seed: int) -> None:
 def train_unet(seed: int, steps: int, n_captions: int, log, save, batch: int = 32, lr: float = 1e-3,
                ema_decay: float = 0.99, warmup: int = 50, layouts: int = 4, max_seconds: float | None = None,
                resume: dict[str, torch.Tensor] | None = None, first_step: int = 0, prediction: str = "eps",
-               text_lr_scale: float = 1.0, default_init: bool = False, object_weight: float = 0.0):
+               text_lr_scale: float = 1.0, default_init: bool = False, object_weight: float = 0.0,
+               edge_weight: float = 0.0):
     """`resume`: ldm UNet weights (the committed EMA) to continue from, at step `first_step` of the data stream
     (its batches and noise follow on from the first run's, never repeating them)."""
     from training.sdxl import (add_noise, added_conditioning, denoising_loss, load_text_encoders, load_unet,
@@ -417,9 +423,10 @@ def train_unet(seed: int, steps: int, n_captions: int, log, save, batch: int = 3
         # an epsilon error is multiplied by sqrt((1 - a) / a) ~ 15 and only the text can tell the image
         target = noise if prediction == "eps" else scheduler.get_velocity(latents, noise, timesteps)
         weight = None
-        if object_weight:  # objects are 5-15 % of an image: weight their latent cells up so the text's colours count
+        if object_weight or edge_weight:  # objects are 5-15 % of an image: weight their cells up (object_weight)
             cells = F.avg_pool2d(torch.from_numpy(np.stack(coverage)).float()[:, None], 8)
-            weight = 1.0 + object_weight * cells
+            # a shape lives in its outline's partly covered cells (coverage 0 < c < 1; peak weight at c = 0.5)
+            weight = 1.0 + object_weight * cells + edge_weight * 4.0 * cells * (1.0 - cells)
         loss = denoising_loss(eps, target, weight)
         for group in opt.param_groups:
             group["lr"] = lr * group["scale"] * min(1.0, (step + 1) / warmup)
@@ -549,6 +556,8 @@ def main(argv: list[str] | None = None) -> None:
                              "tiny SDXL's N(0, 0.02) of the seed")
     parser.add_argument("--object-weight", type=float, default=4.0,
                         help="loss weight added on the objects' latent cells (1 + W x the cell's object coverage)")
+    parser.add_argument("--edge-weight", type=float, default=0.0,
+                        help="loss weight added on the objects' outline cells (+ W x 4c(1 - c), c a cell's coverage)")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop the UNet early after this long (the manifest records the steps done)")
     parser.add_argument("--stage", choices=("all", "vae"), default="all",
@@ -618,6 +627,7 @@ def main(argv: list[str] | None = None) -> None:
         common = f"--captions {args.captions} --batch {args.batch} --seed {args.seed} --layouts {args.layouts} " \
                  f"--lr {args.lr:g} --text-lr-scale {args.text_lr_scale:g} --init {args.init}" + (
             f" --object-weight {args.object_weight:g}" if args.object_weight else "") + (
+            f" --edge-weight {args.edge_weight:g}" if args.edge_weight else "") + (
             " --prediction v" if args.prediction == "v" else "")
         if args.resume_steps:  # the first run's command, then this one's
             command = f"{old['command']} && python -m devtools.world.train_sdxl --resume-steps " \
@@ -655,7 +665,7 @@ def main(argv: list[str] | None = None) -> None:
         max_seconds=None if args.max_minutes is None else args.max_minutes * 60, resume=resume,
         first_step=first_step, warmup=20 if resume is not None else 50, prediction=args.prediction,
         layouts=args.layouts, lr=args.lr, text_lr_scale=args.text_lr_scale, default_init=args.init == "torch",
-        object_weight=args.object_weight)
+        object_weight=args.object_weight, edge_weight=args.edge_weight)
     save(unet_sd, first_step + done, unet_loss, unet_seconds)
     log(f"done: unet {unet_seconds:.0f} s, {WEIGHTS_FILE.stat().st_size / 2**20:.1f} MiB")
 
