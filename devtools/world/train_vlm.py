@@ -22,8 +22,8 @@ the answer and its <end_of_utterance>. Deterministic: one thread, seeded; scenes
 
 The committed model: `--steps 6000 --image-size 96` (~24 min on one core beside other runs). What made it see
 objects: the perceiver latents (see `build_model`). The previous model (48 px, latents all ones as transformers
-initialises them, 400 steps) named the objects of 0 of 50 evaluation scenes (3 % of 30 after 6000 steps); its loss on a
-batch was 0.35 with the right images and 0.58 with shuffled ones, so it read the background only. With distinct
+initialises them, 400 steps) named the objects of 0 of 50 evaluation scenes (3 % of 30 after 6000 steps); its
+loss on a batch was 0.35 with the right images and 0.58 with shuffled ones, so it read the background only. With distinct
 latents at 96 px, on 40 evaluation scenes: names the objects 0.30, describe exact 0.30, edit correct 0.375
 (`bench/_quality_vlm.py`'s figures); its errors are the objects' shapes, as BLIP-2's were. Not kept, because the
 same 40-scene figures did not move: 6000 more steps at lr 1e-3 (`--init`), and then 5000 more with the colour and
