@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         image = np.asarray(Image.open(images[0]).convert("RGB"))
         for line in world.describe(world.verdict(image, captions[0].read_text().strip(), edit), edit):
             print(line)
+        rates = world.DEMO_RATES
+        print(f"demo: a chosen scene; on the first {rates['scenes']} evaluation scenes with a circle this graph made "
+              f"the edit {rates['edit_made']} times and the edit with a right caption {rates['edit_and_caption']} "
+              f"times (DEMO_MEASURED in devtools/world/demo.py)")
     return 0
 
 

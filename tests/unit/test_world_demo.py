@@ -23,7 +23,7 @@ def test_the_demo_edit_is_a_recolour_of_the_circle_of_an_evaluation_scene():
     assert demo.DEMO_SCENE_SEED >= 1_000_000  # an evaluation scene: never trained on
     assert edit.instruction == "Make the circle blue."
     assert source.objects[edit.index].shape == "circle" and edit.scene.objects[edit.index].colour == "blue"
-    assert caption(source) == "a yellow circle and a red square on a black background"
+    assert caption(source) == "a green circle, a cyan triangle and an orange triangle on a black background"
 
 
 def test_the_world_graph_is_the_flagship_node_for_node_with_the_world_inputs(models_root):
@@ -31,14 +31,22 @@ def test_the_world_graph_is_the_flagship_node_for_node_with_the_world_inputs(mod
     edit = demo.demo_edit()
     graph = demo.world_graph(api, edit, models_root)
     (added,) = set(graph) - set(api)  # Set Latent Noise Mask: the sampler redraws the mask only (module doc)
-    assert set(api) <= set(graph)
-    sampler = next(n["inputs"] for n in graph.values() if n["class_type"] == "KSampler")
-    layered = next(n["inputs"] for n in graph.values() if n["class_type"] == "MMIG_LayeredEmbeddings")
+    # the VLM prompt's CLIP Text Encode and its Conditioning Concat are left out (module doc)
+    (concat,) = [i for i in api if api[i]["class_type"] == "ConditioningConcat"]
+    left_out = set(api) - set(graph)
+    assert left_out == {concat, api[concat]["inputs"]["conditioning_from"][0]}
+    sampler_id = next(i for i in api if api[i]["class_type"] == "KSampler")
+    sampler = graph[sampler_id]["inputs"]
+    layered_id = next(i for i in api if api[i]["class_type"] == "MMIG_LayeredEmbeddings")
+    layered = graph[layered_id]["inputs"]
     assert graph[added] == {"class_type": "SetLatentNoiseMask",
                             "inputs": {"samples": layered["latent"], "mask": layered["mask"]}}
-    assert sampler["latent_image"] == [added, 0]
-    graph[next(i for i in api if api[i]["class_type"] == "KSampler")]["inputs"]["latent_image"] = layered["latent"]
+    assert sampler["latent_image"] == [added, 0] and sampler["positive"] == [layered_id, 0]
+    mmsm = next(i for i in api if api[i]["class_type"] == "MMIG_MMSMApply")
+    assert graph[mmsm]["inputs"]["llm_embeds"] == api[mmsm]["inputs"]["llm_embeds"]  # the VLM still feeds MMSM
+    sampler.update(latent_image=layered["latent"], positive=api[sampler_id]["inputs"]["positive"])
     del graph[added]
+    api = {i: n for i, n in api.items() if i not in left_out}
     changed_types = {i: (api[i]["class_type"], graph[i]["class_type"]) for i in api
                      if api[i]["class_type"] != graph[i]["class_type"]}
     assert list(changed_types.values()) == [("EmptyImage", "LoadImage")]
@@ -49,7 +57,7 @@ def test_the_world_graph_is_the_flagship_node_for_node_with_the_world_inputs(mod
     assert by_type["CheckpointLoaderSimple"]["ckpt_name"] == "world_sdxl_full_abc.safetensors"
     assert by_type["MMIG_MultimodalPrompt"]["text"] == "<image1> Make the circle blue."
     assert by_type["MMIG_AStarGuidance"]["prompt"] == caption(edit.scene)
-    assert by_type["MMIG_AStarGuidance"]["concepts"] == "blue circle, red square"
+    assert by_type["MMIG_AStarGuidance"]["concepts"] == "blue circle, cyan triangle, orange triangle"
     texts = {graph[i]["inputs"]["text"] for i in graph if graph[i]["class_type"] == "CLIPTextEncode"
              and not isinstance(graph[i]["inputs"]["text"], list)}
     assert texts == {"a blue circle", "a black background", ""}
@@ -76,7 +84,7 @@ def test_the_verdict_passes_the_edited_scene_and_fails_the_unedited_one():
     source = sample_scene(demo.DEMO_SCENE_SEED)
     unedited = demo.verdict(render(source)[0], caption(source), edit)
     assert not unedited.ok and not unedited.edited and not unedited.caption_correct
-    assert unedited.scene_present == 0.5  # the red square is there, the blue circle is not
+    assert unedited.scene_present == pytest.approx(2 / 3)  # the two triangles are there, the blue circle is not
     lines = demo.describe(unedited, edit)
     assert lines[-1] == "scorer: NOT a match"
     flat = demo.verdict(np.full((128, 128, 3), 25, np.uint8), "a blue circle on a black background", edit)
