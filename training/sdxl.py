@@ -20,8 +20,10 @@ What loads:
 Latents are in the UNet's space: the VAE's output times its scaling factor (0.13025 for SDXL's KL VAE; 1 for
 TAESD, whose encoder already outputs UNet latents, the same as the host's TAESD-XL loader).
 
-Noise schedule: DDPM, 1000 steps, SDXL's scaled-linear betas 0.00085..0.012, epsilon prediction (the host's
-SDXL `model_sampling` is the same schedule).
+Noise schedule: DDPM, 1000 steps, SDXL's scaled-linear betas 0.00085..0.012 (the host's SDXL `model_sampling` is
+the same schedule). The prediction is epsilon, or v when a single-file checkpoint carries the `v_pred` key (the
+marker the host's SDXL config reads as V_PREDICTION, as community v-prediction fine-tunes ship it): a recipe's
+L_SDM then compares the UNet's output with `prediction_target` (the velocity), as the host samples it.
 
 Text conditioning (the UNet's cross-attention context [B, 77, 2048] and pooled vector [B, 1280]):
 - `load_text_encoders(path, tokenizer_folder)` -> `SDXLTextEncoders`: SDXL's own CLIP-L + CLIP-G, frozen, giving
@@ -246,11 +248,26 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Lat
     return LatentCodec(_cast(vae, dtype), SDXL_VAE_SCALING)
 
 
-def noise_scheduler():
-    """SDXL's training schedule: DDPM, 1000 steps, scaled-linear betas 0.00085..0.012, epsilon prediction."""
+V_PREDICTION_KEY = "v_pred"  # the host's marker of a v-prediction SDXL checkpoint (supported_models.SDXL)
+
+
+def noise_scheduler(prediction_type: str = "epsilon"):
+    """SDXL's training schedule: DDPM, 1000 steps, scaled-linear betas 0.00085..0.012; epsilon or v_prediction."""
     from diffusers import DDPMScheduler
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         prediction_type="epsilon", clip_sample=False)
+                         prediction_type=prediction_type, clip_sample=False)
+
+
+def prediction_type(path: str | os.PathLike) -> str:
+    """"v_prediction" for a single-file checkpoint with the host's `v_pred` key or a diffusers folder whose
+    scheduler config says so; else "epsilon"."""
+    path = Path(path)
+    if path.is_dir():
+        config = path / "scheduler" / "scheduler_config.json"
+        return json.loads(config.read_text()).get("prediction_type", "epsilon") if config.is_file() else "epsilon"
+    from safetensors import safe_open
+    with safe_open(str(_single_file(path)), "pt") as f:
+        return "v_prediction" if V_PREDICTION_KEY in f.keys() else "epsilon"
 
 
 def load_sdxl(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> SDXLParts:
@@ -258,7 +275,7 @@ def load_sdxl(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> SD
     unet, vae = load_unet(path, dtype), load_vae(path, dtype)
     for module in (unet, vae):
         module.requires_grad_(False).eval()
-    return SDXLParts(unet=unet, vae=vae, scheduler=noise_scheduler())
+    return SDXLParts(unet=unet, vae=vae, scheduler=noise_scheduler(prediction_type(path)))
 
 
 # --- text conditioning: SDXL's two CLIP text encoders ---------------------------------------------------------
@@ -398,15 +415,26 @@ def add_noise(scheduler, latents: torch.Tensor, batch: dict) -> tuple[torch.Tens
     return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
 
 
-def predicted_x0(scheduler, noisy: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """x_0 = (z_t - sqrt(1 - a_t) eps) / sqrt(a_t), the clean latent the epsilon prediction implies."""
+def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to output: the noise (epsilon) or the velocity sqrt(a_t) eps - sqrt(1 - a_t) x_0."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
+def predicted_x0(scheduler, noisy: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The clean latent the UNet's output implies: (z_t - sqrt(1 - a_t) eps) / sqrt(a_t) for epsilon,
+    sqrt(a_t) z_t - sqrt(1 - a_t) v for v-prediction."""
     alphas = scheduler.alphas_cumprod.to(noisy.device, noisy.dtype)[timesteps].view(-1, *[1] * (noisy.dim() - 1))
-    return (noisy - (1 - alphas).sqrt() * eps) / alphas.sqrt()
+    if scheduler.config.prediction_type == "v_prediction":
+        return alphas.sqrt() * noisy - (1 - alphas).sqrt() * prediction
+    return (noisy - (1 - alphas).sqrt() * prediction) / alphas.sqrt()
 
 
 def denoising_loss(eps_prediction: torch.Tensor, noise: torch.Tensor,
                    weight: torch.Tensor | None = None) -> torch.Tensor:
-    """L_SDM (MMIG Eq. 14): ||eps - eps_theta(z_t, t)||^2, mean over elements and batch.
+    """L_SDM (MMIG Eq. 14): ||eps - eps_theta(z_t, t)||^2, mean over elements and batch. For a v-prediction UNet
+    pass `prediction_target(...)` (the velocity) as `noise`.
 
     `weight` (broadcast to the prediction, e.g. [B, 1, h, w]) makes it a weighted mean: sum(w e^2) / sum(w)."""
     if weight is None:

@@ -84,6 +84,9 @@ class RecipeConfig:
     clip_tokenizer: str = ""  # clip with a single-file SDXL: a folder with CLIP's vocab.json + merges.txt
     mumu_adapter: str = ""
     retention_step_gap: int = 20
+    # SDXL's size conditioning (time ids) in px; 0: the training image's size. 768 is what the host's plain CLIP
+    # Text Encode gives an SDXL model (its encode_adm default), so a UNet trained that way is read the same way.
+    size_conditioning: int = 0
     blip2: str = ""  # BLIP-2 folder (stage 5)
     # learning rates per trainable part
     lr_mmsm: float = 1e-4
@@ -190,7 +193,7 @@ class MMIGModule(torch.nn.Module):
     def forward(self, batch: dict, step: int = 0):
         device = next(self.mmsm.parameters()).device
         images = batch["image"].to(device)
-        height, width = images.shape[-2:]
+        height, width = (self.config.size_conditioning,) * 2 if self.config.size_conditioning else images.shape[-2:]
         e0, e0_mask, l_mmt = self._vlm_pass(batch["image"], batch["caption"])
         e0, e0_mask = e0.to(device), e0_mask.to(device)
         with torch.no_grad():
@@ -201,11 +204,12 @@ class MMIGModule(torch.nn.Module):
         attention = self._attention_recorder(batch, e0_mask)
         with attention:
             eps = self._predict(noisy, timesteps, cond, e0, e0_mask, height, width, record)
-        terms: dict[str, torch.Tensor] = {"sdm": sdxl.denoising_loss(eps, noise), "mmsm": record["mmsm"]}
+        target = sdxl.prediction_target(self.scheduler, latents, noise, timesteps)  # eps, or v for a v-pred UNet
+        terms: dict[str, torch.Tensor] = {"sdm": sdxl.denoising_loss(eps, target), "mmsm": record["mmsm"]}
         if l_mmt is not None:
             terms["mmt"] = l_mmt
         if "fg" in self.terms or "bg" in self.terms:
-            terms.update(self._layered_terms(batch, eps, noise))
+            terms.update(self._layered_terms(batch, eps, target))
         if "as" in self.terms or "ar" in self.terms:
             terms.update(self._attention_terms(attention, latents, noise, timesteps, cond, e0, e0_mask, height, width))
         if "blip2" in self.terms:
@@ -216,7 +220,7 @@ class MMIGModule(torch.nn.Module):
         return loss, {name: float(value.detach()) for name, value in terms.items()}
 
     # -- stage 3+: DEM terms ---------------------------------------------------------------------------------
-    def _layered_terms(self, batch, eps, noise):
+    def _layered_terms(self, batch, eps, noise):  # noise: the UNet's target (eps or v)
         from mmig_core.layered_embeddings import latent_mask, masked_noise_loss
         if batch.get("mask") is None:
             raise ValueError("L_fg / L_bg need an object mask for every sample: add `<name>.mask.png` files, or "

@@ -90,6 +90,9 @@ class RecipeConfig:
     base_dtype: str = "fp32"  # fp32 | bf16 | fp16: the frozen VLM, UNet and VAE weights (LoRA and adapter stay fp32)
     head_probability: float = HEAD_PROBABILITY  # MUMU §4-5: person crops become head crops 70 % of the draws
     head_min_area: int = HEAD_MIN_AREA  # px; a smaller head keeps the person crop (counted as head_too_small)
+    # SDXL's size conditioning in px; 0: each record's own (its size and crop). Set it to the width/height MMIG
+    # MUMU Encode will be given, e.g. 768, the host's default for an SDXL prompt without sizes.
+    size_conditioning: int = 0
 
 
 def _check(config: RecipeConfig) -> None:
@@ -127,6 +130,7 @@ class MUMUModel(torch.nn.Module):
         self._vlm, self._scheduler, self._depth = vlm, parts.scheduler, depth  # plain attributes, not submodules
         self.rules = rules
         self.head_probability, self.head_min_area = head_probability, head_min_area
+        self.size_conditioning = 0  # px; 0: the records' own time ids (RecipeConfig.size_conditioning)
         self.head_stats = Counter()  # person_crops, head_swaps, head_too_small over every draw of this process
         self._last_head_stats = Counter()
 
@@ -171,9 +175,13 @@ class MUMUModel(torch.nn.Module):
         with torch.no_grad():
             latents = self.vae.encode(batch["target"].to(device, dtype))
         noisy, noise, timesteps = sdxl.add_noise(self._scheduler, latents, batch)
-        added = {"text_embeds": pooled.to(dtype), "time_ids": batch["time_ids"].to(device, dtype)}
+        time_ids = batch["time_ids"]
+        if self.size_conditioning:
+            s = self.size_conditioning
+            time_ids = torch.tensor([s, s, 0, 0, s, s], dtype=torch.float32).expand(len(time_ids), -1)
+        added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(device, dtype)}
         eps = self.unet(noisy, timesteps, context.to(dtype), added_cond_kwargs=added).sample
-        loss = sdxl.denoising_loss(eps, noise)
+        loss = sdxl.denoising_loss(eps, sdxl.prediction_target(self._scheduler, latents, noise, timesteps))
         images = sum(d.prompt.image_count() for d in prompts) / len(prompts)
         heads = {name: float(self._last_head_stats[name]) for name in ("person_crops", "head_swaps", "head_too_small")}
         return loss, {"denoising": float(loss.detach()), "images_per_prompt": images, **heads}
@@ -246,6 +254,7 @@ def build(config: RecipeConfig, ctx: RunContext) -> Recipe:
                         control_probability=config.control_probability, control_kinds=kinds,
                         augment_probability=config.augment_probability, stage2_labels=tuple(config.stage2_labels))
     module = MUMUModel(vlm, adapter, parts, rules, depth, config.head_probability, config.head_min_area).to(ctx.device)
+    module.size_conditioning = config.size_conditioning
     dataset = open_records(config.data, config.resolution,
                            require_labels=tuple(config.stage2_labels) if config.stage == 2 else ())
 
