@@ -97,6 +97,7 @@ def test_the_mumu_part_scores_one_seed_with_and_without_the_image():
     assert figures["n_seeds"] == 1
     for variant in _quality_mumu.SCORED:
         assert figures[f"mumu_{variant}"] in (0.0, 1.0)
+        assert figures[f"mumu_{variant}_largest"] <= figures[f"mumu_{variant}"]  # the stricter reading
     assert len(samples) == 2 and all(image.shape == (128, 128, 3) for _, image in samples)
 
 
