@@ -14,7 +14,10 @@ Figures (each over the same seeds and noise):
   VLM misdescribes the scene, MMSM is told the wrong objects);
 - mmsm_trained_teacher_forced_*: the trained MMSM, e_llm the VLM's hidden states teacher-forced on the true
   caption (how e_0 is made in training): MMSM's own effect, apart from the VLM's description errors;
-- mmsm_vlm_description_names_objects: how often the generated description names every object.
+- mmsm_vlm_description_names_objects: how often the generated description names every object;
+- mmsm_trained_mean_abs_pixel_change (0..255): how much the trained MMSM changes the drawing at all, against the
+  untrained one on the same seed (MMSM's delta enters at the mid block, and the world UNet's decoder leans on its
+  skip connections: a change far below one grey level cannot move a score).
 Each has `all_present`, `exact`, `present`, `colours_present`, `background` (part t2i's meanings), and the
 `*_over_untrained` ratios of all_present and present.
 """
@@ -82,7 +85,7 @@ def run(n_seeds: int):
              "trained": nodes.LoadedMMSM(trained, MMSM_WEIGHTS.name)}
     settings = core.GenerationSettings(max_new_tokens=48)
     scores: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    named, samples = [], []
+    named, samples, changes = [], [], []
     for i in range(n_seeds):
         scene = sample_scene(EVAL_SEED_BASE + i)
         text = caption(scene)
@@ -92,13 +95,16 @@ def run(n_seeds: int):
         embeds = {"untrained": generated, "trained": generated,
                   "trained_teacher_forced": teacher_forced_embeds(vlm, prompt, text)}
         positive = encode(clip, text)
+        drawn = {}
         for variant in VARIANTS:
             patched = apply(model, mmsms[variant.split("_teacher")[0]], embeds[variant], 1.0)[0]
-            image = decode(vae, sample(patched, positive, negative, seed=i))
+            image = drawn[variant] = decode(vae, sample(patched, positive, negative, seed=i))
             scores[variant].append(score(image, text))
             if i < 2:
                 samples.append((f"mmsm {variant}: {text}", image))
-    figures: dict = {"n_seeds": n_seeds, "weights": MMSM_WEIGHTS.name}
+        changes.append(np.abs(drawn["trained"].astype(np.float32) - drawn["untrained"].astype(np.float32)).mean())
+    figures: dict = {"n_seeds": n_seeds, "weights": MMSM_WEIGHTS.name,
+                     "mmsm_trained_mean_abs_pixel_change": round(float(np.mean(changes)), 4)}
     for variant in VARIANTS:
         figures.update({f"mmsm_{variant}_{k}": v for k, v in _rates(scores[variant]).items()})
     base = _rates(scores["untrained"])

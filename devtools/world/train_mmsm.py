@@ -18,19 +18,18 @@ Idefics2-8b for 10k steps at batch 64; this one is 64 wide, on 128 px world scen
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from devtools.paths import CACHE_DIR, REPO_ROOT
+from devtools.paths import CACHE_DIR
 from devtools.world import SIZE, caption, render, sample_scene
+from devtools.world.train_diffrir import _git_commit, _sha256  # the world trainers' manifest helpers
 from devtools.world.train_sdxl import HOST_ADM_SIZE, tokenizer_folder, world_checkpoint
 
 log = logging.getLogger(__name__)
@@ -64,18 +63,6 @@ def write_dataset(scenes: int, folder: Path = DATA_DIR) -> Path:
     partial.write_text("\n".join(lines) + "\n")
     partial.replace(manifest)
     return manifest
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

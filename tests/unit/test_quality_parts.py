@@ -61,6 +61,7 @@ def test_the_mmsm_part_scores_two_seeds_trained_against_untrained():
         for rate in ("all_present", "exact", "present", "colours_present", "background"):
             assert 0.0 <= figures[f"mmsm_{variant}_{rate}"] <= 1.0
     assert 0.0 <= figures["mmsm_vlm_description_names_objects"] <= 1.0
+    assert 0.0 < figures["mmsm_trained_mean_abs_pixel_change"] < 255.0  # the trained MMSM does change the drawing
     assert len(samples) == 6 and all(image.shape == (128, 128, 3) for _, image in samples)
 
 
