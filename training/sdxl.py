@@ -264,7 +264,10 @@ def prediction_type(path: str | os.PathLike) -> str:
     path = Path(path)
     if path.is_dir():
         config = path / "scheduler" / "scheduler_config.json"
-        return json.loads(config.read_text()).get("prediction_type", "epsilon") if config.is_file() else "epsilon"
+        kind = json.loads(config.read_text()).get("prediction_type", "epsilon") if config.is_file() else "epsilon"
+        if kind not in ("epsilon", "v_prediction"):
+            raise ModelFilesError(f"{config}: prediction_type {kind!r} is not trained here (epsilon or v_prediction)")
+        return kind
     from safetensors import safe_open
     with safe_open(str(_single_file(path)), "pt") as f:
         return "v_prediction" if V_PREDICTION_KEY in f.keys() else "epsilon"

@@ -72,3 +72,15 @@ def test_epsilon_checkpoints_keep_the_noise_target(tiny_models):
     assert torch.equal(sdxl.prediction_target(scheduler, latents, noise, timesteps), noise)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     torch.testing.assert_close(sdxl.predicted_x0(scheduler, noisy, noise, timesteps), latents, atol=1e-3, rtol=1e-3)
+
+
+def test_a_diffusers_folder_says_its_prediction_type_and_an_unknown_one_is_refused(tmp_path):
+    from mmig_core.model_files import ModelFilesError
+    (tmp_path / "scheduler").mkdir()
+    config = tmp_path / "scheduler" / "scheduler_config.json"
+    assert sdxl.prediction_type(tmp_path) == "epsilon"  # no scheduler config: SDXL's own epsilon
+    config.write_text('{"prediction_type": "v_prediction"}')
+    assert sdxl.prediction_type(tmp_path) == "v_prediction"
+    config.write_text('{"prediction_type": "sample"}')
+    with pytest.raises(ModelFilesError, match="sample"):
+        sdxl.prediction_type(tmp_path)
